@@ -1,0 +1,1 @@
+"""The upscaling engine: no HTTP, no forms, only images and `UpscaleParams`."""

@@ -1,0 +1,271 @@
+"""One upscaling pass: tiled ControlNet-tile img2img with MultiDiffusion, in named steps.
+
+Reads top to bottom like a diffusers pipeline: check inputs, encode prompt, prepare
+timesteps, prepare latents, plan tiles, denoise, decode. The one difference from diffusers'
+`StableDiffusionControlNetImg2ImgPipeline` is the denoising step: the UNet and ControlNet see
+batches of overlapping latent tiles, their noise predictions are blended into one prediction
+for the whole latent, and the scheduler steps once over the whole latent. Multistep and SDE
+solvers therefore keep one consistent history, and an image that fits in one tile gives
+diffusers' result exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from clarity.engine import vae as vae_ops
+from clarity.engine.controlnet import residual_scales, scale_residuals
+from clarity.engine.schedulers import make_scheduler
+from clarity.engine.tiling import TilePlan, plan_tiles, tile_weight
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """Everything one pass needs besides the image; `Upscaler` derives it from `UpscaleParams`."""
+
+    prompt: str
+    negative_prompt: str
+    strength: float
+    guidance_scale: float
+    num_inference_steps: int
+    controlnet_scale: float
+    controlnet_decay: float
+    scheduler: str
+    max_tile_height: int
+    max_tile_width: int
+    min_tile_overlap: int
+    tile_batch_size: int
+    seed: int
+
+
+@dataclass
+class PassStats:
+    """What one pass did and where its time went."""
+
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    strength: float
+    seed: int
+    denoising_steps: int = 0
+    tiles: int = 0
+    tile_grid: tuple[int, int] = (0, 0)
+    tile_size: tuple[int, int] = (0, 0)
+    latent_size: tuple[int, int] = (0, 0)
+    latent_area_ratio: float = 0.0
+    unet_evaluations: int = 0
+    prompt_truncated: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+#: Called after every denoising step with (steps done, steps in this pass).
+StepCallback = Callable[[int, int], None]
+
+
+class TiledUpscalePipeline:
+    """SD1.5 + ControlNet-tile img2img over latent tiles. Components are passed in, never loaded here."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel,
+        scheduler_config: dict,
+    ) -> None:
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.unet = unet
+        self.controlnet = controlnet
+        self.scheduler_config = scheduler_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @torch.no_grad()
+    def __call__(
+        self, image: torch.Tensor, settings: PassSettings, on_step: StepCallback | None = None
+    ) -> tuple[torch.Tensor, PassStats]:
+        """Denoise `image` (1, 3, H, W in [0, 1], already pre-upscaled to the output size).
+
+        The image is both the img2img start point and the ControlNet-tile condition. Returns
+        the result at the same size (float32 in [0, 1], on the CPU) and the pass statistics.
+        """
+        height, width = image.shape[-2:]
+        stats = PassStats(input_size=(width, height), output_size=(width, height),
+                          strength=settings.strength, seed=settings.seed)
+
+        # 1. Check inputs
+        self.check_inputs(image, settings)
+
+        # 2. Prepare timesteps: img2img runs only the last int(steps x strength) of them.
+        scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
+        timesteps = self.prepare_timesteps(scheduler, settings.num_inference_steps, settings.strength)
+        stats.denoising_steps = len(timesteps) // scheduler.order
+        if len(timesteps) == 0:
+            # Nothing to denoise: the pre-upscaled image is the answer, bit for bit, rather
+            # than a lossy VAE round trip of it.
+            return image.float().cpu(), stats
+
+        # 3. Encode prompt
+        started = time.perf_counter()
+        do_cfg = settings.guidance_scale > 1.0
+        prompt_embeds, stats.prompt_truncated = self.encode_prompt(
+            settings.prompt, settings.negative_prompt, do_cfg
+        )
+        stats.seconds["encode_prompt"] = time.perf_counter() - started
+
+        # 4. Prepare latents: encode the padded image and noise it to the first timestep.
+        started = time.perf_counter()
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        padded = pad_to_multiple(image, vae_ops.VAE_SCALE)
+        latents = self.prepare_latents(padded, scheduler, timesteps[:1], generator)
+        control_image = padded.to(device=self.device, dtype=self.controlnet.dtype)
+        stats.seconds["vae_encode"] = time.perf_counter() - started
+
+        # 5. Plan tiles
+        plan = plan_tiles(
+            latents.shape[-2], latents.shape[-1],
+            settings.max_tile_height, settings.max_tile_width, settings.min_tile_overlap,
+        )
+        stats.latent_size = (plan.width, plan.height)
+        stats.tiles = len(plan.tiles)
+        stats.tile_size = (plan.tile_width, plan.tile_height)
+        stats.tile_grid = (len({t.left for t in plan.tiles}), len({t.top for t in plan.tiles}))
+        stats.latent_area_ratio = plan.area_ratio
+        blend_weights = [tile_weight(tile, plan).to(self.device) for tile in plan.tiles]
+
+        # 6. Denoise
+        started = time.perf_counter()
+        scales = residual_scales(
+            len(self.controlnet.controlnet_down_blocks) + 1, settings.controlnet_scale, settings.controlnet_decay
+        )
+        step_kwargs = _generator_kwarg(scheduler, generator)
+        for index, t in enumerate(timesteps):
+            noise_pred = self.predict_noise(
+                latents, t, scheduler, plan, blend_weights, prompt_embeds, control_image, scales, settings, stats
+            )
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None and (index + 1) % scheduler.order == 0:
+                on_step((index + 1) // scheduler.order, stats.denoising_steps)
+        stats.seconds["denoise"] = time.perf_counter() - started
+
+        # 7. Decode, and crop the padding away.
+        started = time.perf_counter()
+        result = vae_ops.decode(self.vae, latents)[..., :height, :width].cpu()
+        stats.seconds["vae_decode"] = time.perf_counter() - started
+        return result, stats
+
+    def check_inputs(self, image: torch.Tensor, settings: PassSettings) -> None:
+        if image.ndim != 4 or image.shape[:2] != (1, 3):
+            raise ValueError(f"image must have shape (1, 3, H, W), got {tuple(image.shape)}")
+        if min(image.shape[-2:]) < 1:
+            raise ValueError(f"image must not be empty, got {tuple(image.shape)}")
+        if not 0.0 <= settings.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
+
+    def prepare_timesteps(self, scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The scheduler's last int(steps x strength) timesteps, as diffusers' img2img picks them."""
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+        start = num_inference_steps - init_steps
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * scheduler.order)
+        return scheduler.timesteps[start * scheduler.order:]
+
+    def encode_prompt(self, prompt: str, negative_prompt: str, do_cfg: bool) -> tuple[torch.Tensor, bool]:
+        """CLIP embeddings, [negative, positive] stacked when guidance is on; and whether text was cut."""
+        texts = [negative_prompt, prompt] if do_cfg else [prompt]
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt", return_overflowing_tokens=False,
+        )
+        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        truncated = untruncated.shape[-1] > tokens.input_ids.shape[-1]
+        embeds = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+        return embeds.to(dtype=self.unet.dtype, device=self.device), truncated
+
+    def prepare_latents(
+        self, image: torch.Tensor, scheduler, first_timestep: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Encode `image` and add noise for `first_timestep`, drawing from `generator` like diffusers."""
+        latents = vae_ops.encode(self.vae, image, generator).to(device=self.device, dtype=self.unet.dtype)
+        noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+        return scheduler.add_noise(latents, noise, first_timestep.repeat(latents.shape[0]))
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        scheduler,
+        plan: TilePlan,
+        blend_weights: list[torch.Tensor],
+        prompt_embeds: torch.Tensor,
+        control_image: torch.Tensor,
+        scales: list[float],
+        settings: PassSettings,
+        stats: PassStats,
+    ) -> torch.Tensor:
+        """The guided noise prediction for the whole latent, blended from batches of tiles."""
+        model_input = scheduler.scale_model_input(latents, t)
+        blended = torch.zeros_like(latents, dtype=torch.float32)
+        weights = torch.zeros(latents.shape[-2:], dtype=torch.float32, device=latents.device)
+        do_cfg = prompt_embeds.shape[0] == 2
+        for first in range(0, len(plan.tiles), settings.tile_batch_size):
+            batch = plan.tiles[first:first + settings.tile_batch_size]
+            tiles = torch.cat([model_input[(..., *tile.latent_slice())] for tile in batch])
+            conditions = torch.cat(
+                [control_image[(..., *tile.pixel_slice(vae_ops.VAE_SCALE))] for tile in batch]
+            )
+            embeds = prompt_embeds.repeat_interleave(len(batch), dim=0)
+            if do_cfg:
+                # Batch layout [uncond tiles..., cond tiles...], matching the embeddings above.
+                tiles, conditions = torch.cat([tiles, tiles]), torch.cat([conditions, conditions])
+            down, mid = self.controlnet(
+                tiles, t, encoder_hidden_states=embeds, controlnet_cond=conditions,
+                conditioning_scale=1.0, return_dict=False,
+            )
+            down, mid = scale_residuals(down, mid, scales)
+            noise = self.unet(
+                tiles, t, encoder_hidden_states=embeds,
+                down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
+            )[0]
+            stats.unet_evaluations += noise.shape[0]
+            if do_cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + settings.guidance_scale * (cond - uncond)
+            for tile, tile_noise, weight in zip(batch, noise, blend_weights[first:first + len(batch)], strict=False):
+                blended[(..., *tile.latent_slice())] += tile_noise.float() * weight
+                weights[tile.latent_slice()] += weight
+        return (blended / weights).to(latents.dtype)
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the bottom and right of `image` by mirroring so both sides are multiples of `multiple`.
+
+    Mirroring keeps the padding's content continuous with the image, so the model does not
+    react to an artificial edge; images smaller than the padding fall back to repeating edges.
+    """
+    height, width = image.shape[-2:]
+    pad_bottom, pad_right = -height % multiple, -width % multiple
+    if pad_bottom == 0 and pad_right == 0:
+        return image
+    mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
+    return F.pad(image, (0, pad_right, 0, pad_bottom), mode=mode)
+
+
+def _generator_kwarg(scheduler, generator: torch.Generator) -> dict:
+    """SDE and ancestral samplers draw noise in `step`; pass them our generator so runs repeat."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {"generator": generator} if "generator" in accepted else {}

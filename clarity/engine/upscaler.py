@@ -1,0 +1,251 @@
+"""`Upscaler`: the public engine. Turns an image and `UpscaleParams` into upscaled images.
+
+It owns what spans passes: decoding the input, splitting off alpha and grayscale, planning
+chained passes of at most 2x, pre-upscaling before each pass, seeds and creativity per pass,
+variants, progress and statistics. One pass of diffusion is `TiledUpscalePipeline`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clarity.engine.pipeline import PassSettings, PassStats, TiledUpscalePipeline
+from clarity.engine.preupscale import PreUpscaler, lanczos
+from clarity.imageio import ImageSource, join_from_model, load_image, split_for_model
+from clarity.params import ParamError, UpscaleParams
+
+#: Largest factor of a single pass; larger scale factors chain passes (the original's scheme).
+MAX_PASS_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a running upscale is: variant, pass and denoising step (step 0 = pass starting)."""
+
+    variant: int
+    variants: int
+    pass_index: int
+    passes: int
+    step: int
+    steps: int
+
+    @property
+    def fraction(self) -> float:
+        """Share of all denoising work done, 0..1 (passes counted as equal shares)."""
+        within_pass = self.step / self.steps if self.steps else 1.0
+        done_passes = self.variant * self.passes + self.pass_index + within_pass
+        return done_passes / (self.variants * self.passes)
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class UpscaleStats:
+    """What an upscale did: every pass run (variant by variant), seeds, and total time."""
+
+    model: str
+    tiny_model: bool
+    device: str
+    seeds: list[int] = field(default_factory=list)
+    passes: list[PassStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def unet_evaluations(self) -> int:
+        """UNet forward samples over all passes (one tile through one guidance branch = 1)."""
+        return sum(p.unet_evaluations for p in self.passes)
+
+    @property
+    def seconds_by_stage(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for p in self.passes:
+            for stage, seconds in p.seconds.items():
+                totals[stage] = totals.get(stage, 0.0) + seconds
+        return totals
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "unet_evaluations": self.unet_evaluations,
+            "seconds_by_stage": self.seconds_by_stage,
+        }
+
+
+@dataclass
+class UpscaleResult:
+    images: list[Image.Image]
+    stats: UpscaleStats
+
+    @property
+    def image(self) -> Image.Image:
+        """The first (usually only) variant."""
+        return self.images[0]
+
+
+def plan_passes(scale_factor: float) -> list[float]:
+    """Per-pass factors of at most 2 whose product is `scale_factor`: 4 -> [2, 2], 3 -> [2, 1.5]."""
+    factors = []
+    remaining = scale_factor
+    while remaining > MAX_PASS_FACTOR * (1 + 1e-9):
+        factors.append(MAX_PASS_FACTOR)
+        remaining /= MAX_PASS_FACTOR
+    return [*factors, remaining]
+
+
+def output_size(size: tuple[int, int], scale_factor: float) -> tuple[int, int]:
+    """round(side x scale_factor) for each side (halves round up), at least 1 pixel."""
+    return tuple(max(1, math.floor(side * scale_factor + 0.5)) for side in size)  # type: ignore[return-value]
+
+
+class Upscaler:
+    """Creative upscaling with SD1.5 + ControlNet-tile over latent tiles.
+
+    Build it with `Upscaler.from_pretrained(folder)`, or pass a ready pipeline to the
+    constructor (components are never loaded behind the caller's back).
+    """
+
+    def __init__(
+        self,
+        pipeline: TiledUpscalePipeline,
+        pre_upscaler: PreUpscaler = lanczos,
+        name: str = "clarity-upscaler",
+        tiny_model: bool = False,
+    ) -> None:
+        self.pipeline = pipeline
+        self.pre_upscaler = pre_upscaler
+        self.name = name
+        self.tiny_model = tiny_model
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Upscaler:
+        """Load a model folder (see weights/README.md) onto `device` (default CUDA if present, else CPU)."""
+        from clarity.models.loading import load_components
+
+        parts = load_components(path, device=device, dtype=dtype)
+        pipeline = TiledUpscalePipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.unet,
+            controlnet=parts.controlnet,
+            scheduler_config=parts.scheduler_config,
+        )
+        return cls(pipeline, tiny_model=parts.is_tiny)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+    def upscale(
+        self,
+        image: ImageSource,
+        params: UpscaleParams | None = None,
+        *,
+        num_images: int = 1,
+        progress: ProgressCallback | None = None,
+        **overrides: Any,
+    ) -> UpscaleResult:
+        """Upscale `image` by `params.scale_factor`, adding detail.
+
+        `overrides` change single fields of `params` (e.g. `creativity=0.5`). `num_images`
+        variants use seeds seed, seed+1, ...; with `seed=None` a random seed is drawn and
+        reported in `stats.seeds`. Raises `ParamError` naming the field for invalid input.
+        """
+        params = (params or UpscaleParams()).replace(**overrides) if overrides else (params or UpscaleParams())
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
+            raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
+        started = time.perf_counter()
+        source = split_for_model(load_image(image))
+        base_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        stats = UpscaleStats(model=self.name, tiny_model=self.tiny_model, device=str(self.device))
+        images = []
+        for variant in range(num_images):
+            seed = base_seed + variant
+            stats.seeds.append(seed)
+            rgb = self._upscale_rgb(source.rgb, params, seed, variant, num_images, progress, stats)
+            images.append(join_from_model(rgb, source))
+        stats.seconds = time.perf_counter() - started
+        return UpscaleResult(images=images, stats=stats)
+
+    def _upscale_rgb(
+        self,
+        rgb: Image.Image,
+        params: UpscaleParams,
+        seed: int,
+        variant: int,
+        variants: int,
+        progress: ProgressCallback | None,
+        stats: UpscaleStats,
+    ) -> Image.Image:
+        """Run the chained passes for one variant."""
+        factors = plan_passes(params.scale_factor)
+        original_size = rgb.size
+        cumulative = 1.0
+        for index, factor in enumerate(factors):
+            cumulative *= factor
+            # The last pass targets the exact requested size, whatever rounding came before.
+            scale = params.scale_factor if index == len(factors) - 1 else cumulative
+            target = output_size(original_size, scale)
+
+            started = time.perf_counter()
+            pre_upscaled = self.pre_upscaler(rgb, target)
+            preupscale_seconds = time.perf_counter() - started
+
+            settings = self._pass_settings(params, pass_index=index, seed=seed + index)
+
+            def on_step(step: int, steps: int, index: int = index) -> None:
+                if progress is not None:
+                    progress(ProgressEvent(variant, variants, index, len(factors), step, steps))
+
+            if progress is not None:
+                progress(ProgressEvent(variant, variants, index, len(factors), 0, 0))
+            result, pass_stats = self.pipeline(pil_to_tensor(pre_upscaled), settings, on_step=on_step)
+            pass_stats.input_size = rgb.size
+            pass_stats.seconds = {"pre_upscale": preupscale_seconds, **pass_stats.seconds}
+            stats.passes.append(pass_stats)
+            rgb = tensor_to_pil(result)
+        return rgb
+
+    @staticmethod
+    def _pass_settings(params: UpscaleParams, pass_index: int, seed: int) -> PassSettings:
+        """Pass k runs at creativity x multistep_factor^k (capped at 1) with seed + k."""
+        return PassSettings(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            strength=min(1.0, params.creativity * params.multistep_factor**pass_index),
+            guidance_scale=params.dynamic,
+            num_inference_steps=params.num_inference_steps,
+            controlnet_scale=params.resemblance,
+            controlnet_decay=params.controlnet_decay,
+            scheduler=params.scheduler,
+            max_tile_height=params.tiling_height,
+            max_tile_width=params.tiling_width,
+            min_tile_overlap=params.tile_overlap,
+            tile_batch_size=params.tile_batch_size,
+            seed=seed,
+        )
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W) float32 in [0, 1] (the scaling diffusers' image processor uses)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [0, 1] -> RGB PIL image, rounding like diffusers' `numpy_to_pil`."""
+    array = (image[0].permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)

@@ -1,0 +1,122 @@
+"""Image decoding and encoding at the edges of the engine, with Pillow.
+
+Decoding is restricted to common formats (most Pillow CVEs are in rarely needed decoders),
+refuses decompression bombs from the header before any pixel is decoded, applies EXIF
+orientation, and splits the image into the RGB the model sees plus what must be restored
+afterwards (alpha, grayscale).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clarity.params import ParamError
+
+#: Decoders tried on untrusted input.
+INPUT_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+#: Encoders offered for output, by the names the OpenAI API and the CLI use.
+OUTPUT_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP",
+                                  "avif": "AVIF", "gif": "GIF"}
+#: Refuse larger inputs (pixels) before decoding them; Pillow's own bomb limit is ~179 MP.
+DEFAULT_MAX_INPUT_PIXELS = 64_000_000
+
+ImageSource = Image.Image | str | Path | bytes | BinaryIO
+
+
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, param: str = "image") -> Image.Image:
+    """Open and fully decode an image from a path, bytes, a binary file or a PIL image.
+
+    Raises `ParamError(param, ...)` for anything that is not a usable image: unknown or
+    disallowed format, truncated data, zero size, or more than `max_pixels` pixels.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (str, Path)):
+            try:
+                source = io.BytesIO(Path(source).read_bytes())
+            except OSError as error:
+                raise ParamError(param, f"cannot read {source}: {error.strerror or error}") from None
+        elif isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        try:
+            image = Image.open(source, formats=list(INPUT_FORMATS))
+        except UnidentifiedImageError:
+            raise ParamError(param, f"not a supported image; accepted formats: {', '.join(INPUT_FORMATS)}") from None
+        except Image.DecompressionBombError as error:
+            raise ParamError(param, str(error)) from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ParamError(param, f"image is empty ({width}x{height})")
+    if width * height > max_pixels:
+        raise ParamError(param, f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ParamError(param, f"image data is truncated or corrupt: {error}") from None
+    # Animated images: the first frame is the image (Image.open leaves frame 0 selected).
+    return ImageOps.exif_transpose(image)
+
+
+@dataclass(frozen=True)
+class SplitImage:
+    """The RGB the model works on, plus what must be put back afterwards."""
+
+    rgb: Image.Image
+    alpha: Image.Image | None
+    grayscale: bool
+
+
+def split_for_model(image: Image.Image) -> SplitImage:
+    """Separate colour from transparency and convert any mode to 8-bit RGB.
+
+    16-bit and 32-bit integer images are rescaled to 8 bits (Pillow's own conversion clips
+    them to 255), float images are taken as 0..1, CMYK and palettes go through Pillow.
+    """
+    alpha = None
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = image.getchannel("A")
+    grayscale = image.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+    if image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return SplitImage(rgb=image.convert("RGB"), alpha=alpha, grayscale=grayscale)
+
+
+def join_from_model(rgb: Image.Image, original: SplitImage) -> Image.Image:
+    """Put grayscale and transparency back on a model output of any size."""
+    result = rgb.convert("L") if original.grayscale else rgb
+    if original.alpha is not None:
+        alpha = original.alpha.resize(rgb.size, Image.Resampling.LANCZOS)
+        result = result.copy()
+        result.putalpha(alpha)
+    return result
+
+
+def encode_image(image: Image.Image, output_format: str = "png", quality: int | None = None) -> bytes:
+    """Encode to `output_format` (png, jpeg, webp, avif, gif); `quality` 0-100 for lossy formats."""
+    try:
+        pil_format = OUTPUT_FORMATS[output_format.lower()]
+    except KeyError:
+        choices = ", ".join(OUTPUT_FORMATS)
+        raise ParamError("output_format", f"must be one of {choices}; got {output_format!r}") from None
+    if pil_format == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # JPEG has no alpha channel
+    options: dict = {}
+    if quality is not None and pil_format in ("JPEG", "WEBP", "AVIF"):
+        options["quality"] = quality
+    buffer = io.BytesIO()
+    image.save(buffer, format=pil_format, **options)
+    return buffer.getvalue()

@@ -1,0 +1,169 @@
+"""A tiny, randomly initialised model with the real SD1.5 + ControlNet-tile topology.
+
+It exists so that tests, demos and CI exercise exactly the code paths of real weights on a
+machine with no GPU and no model hub: the same diffusers/transformers classes, the same
+folder layout and file formats, the same 8x VAE with 4 latent channels, the same UNet block
+structure (cross-attention at the first three levels, 13 ControlNet residuals), a CLIP text
+encoder and tokenizer. Only the widths are tiny. Its output is meaningless noise-shaped
+detail: it proves plumbing and numerics, never image quality.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+#: Widths of the four UNet/ControlNet levels; SD1.5 uses (320, 640, 1280, 1280).
+_UNET_WIDTHS = (16, 16, 32, 32)
+#: Widths of the four VAE levels; SD1.5 uses (128, 256, 512, 512).
+_VAE_WIDTHS = (8, 8, 16, 16)
+_TEXT_WIDTH = 32
+#: SD1.5's training noise schedule, kept so schedulers behave exactly as with real weights.
+_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+}
+
+
+def _write_byte_level_tokenizer_files(folder: Path) -> None:
+    """Write a CLIP BPE vocabulary with no merges: every byte is its own token.
+
+    The real CLIP vocabulary is a hub download; a byte-level one with the same special tokens
+    loads through the same `CLIPTokenizer` class and tokenises any text, one token per byte.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    byte_chars = sorted(ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *byte_chars, *(c + "</w>" for c in byte_chars)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """Build the tiny SD1.5-shaped `StableDiffusionControlNetImg2ImgPipeline` in memory.
+
+    Deterministic for a given seed: every component is initialised right after
+    `torch.manual_seed`, so two builds have identical weights.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        PNDMScheduler,
+        StableDiffusionControlNetImg2ImgPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_byte_level_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(
+            vocab=str(Path(tmp) / "vocab.json"),
+            merges=str(Path(tmp) / "merges.txt"),
+            # Without it the pipeline would pad prompts to an effectively unlimited length.
+            model_max_length=77,
+        )
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=_TEXT_WIDTH,
+            intermediate_size=2 * _TEXT_WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=_UNET_WIDTHS,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=_TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+    torch.manual_seed(seed + 2)
+    controlnet = ControlNetModel(
+        in_channels=4,
+        layers_per_block=2,
+        block_out_channels=_UNET_WIDTHS,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=_TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        # Four entries, three stride-2 convolutions: the 8x pixel-to-latent step of SD1.5.
+        conditioning_embedding_out_channels=(4, 8, 8, 16),
+    )
+    # A trained ControlNet starts from zero convolutions and learns away from them; left at
+    # zero here, the tiny ControlNet would add nothing and resemblance would be untestable.
+    with torch.no_grad():
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+            torch.nn.init.zeros_(conv.bias)
+
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=_VAE_WIDTHS,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+    return StableDiffusionControlNetImg2ImgPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        controlnet=controlnet,
+        # from_config keeps SD1.5's DDIM-only keys in the saved config, as in real weights.
+        scheduler=PNDMScheduler.from_config(_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+#: Marker file that names a weights folder as the tiny test model wherever it is loaded.
+TINY_MARKER = "CLARITY_TINY_MODEL"
+
+
+def save_tiny_weights(folder: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model to `folder` in the diffusers folder layout (safetensors files).
+
+    The layout is the one real weights use (see weights/README.md), so the same loader reads it.
+    """
+    folder = Path(folder)
+    pipeline = build_tiny_pipeline(seed)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    (folder / TINY_MARKER).write_text(
+        "Tiny randomly initialised SD1.5-shaped test model made by `clarity weights tiny`.\n"
+        "It produces no meaningful detail; use it for tests and trying the server only.\n"
+    )
+    return folder

@@ -1,0 +1,207 @@
+"""Every upscaling parameter, defined once: name, type, default, range and meaning.
+
+The CLI, the HTTP form parser and the docs derive from `UpscaleParams`' fields and their
+metadata, so a parameter is added, renamed or re-ranged here and nowhere else. Defaults
+follow the original Clarity Upscaler (see the README's parameter table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+
+class ParamError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range.
+
+    `param` names the offending field so that every front end (CLI, HTTP, Python) can point
+    the user at it.
+    """
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+def _param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field carrying its documentation and limits as metadata."""
+    metadata = {"help": help, "min": min, "max": max, "choices": choices}
+    return field(default=default, metadata=metadata)
+
+
+#: Scheduler names users know from A1111 and the original Clarity; see engine/schedulers.py.
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "DPM++ 3M SDE Karras",
+    "DPM++ 2M SDE Karras",
+    "DPM++ 2M Karras",
+    "Euler a",
+    "Euler",
+    "DDIM",
+)
+
+DEFAULT_PROMPT = "masterpiece, best quality, highres"
+# The original writes "(worst quality, low quality, normal quality:2)"; prompt weighting is
+# not parsed yet, so the default keeps the words without syntax that would be read literally.
+DEFAULT_NEGATIVE_PROMPT = "worst quality, low quality, normal quality"
+
+
+@dataclass(frozen=True)
+class UpscaleParams:
+    """What one upscale should do. Validated on construction; invalid values raise `ParamError`."""
+
+    prompt: str = _param(DEFAULT_PROMPT, "What the added detail should look like.")
+    negative_prompt: str = _param(DEFAULT_NEGATIVE_PROMPT, "What the added detail should avoid.")
+    scale_factor: float = _param(
+        2.0, "Output size / input size. Above 2 it runs as chained passes of at most 2x.", min=1.0, max=16.0
+    )
+    creativity: float = _param(
+        0.35, "Denoising strength: how much new detail is invented. 0 returns the pre-upscaled image.",
+        min=0.0, max=1.0,
+    )
+    resemblance: float = _param(
+        0.6, "ControlNet-tile weight: how closely the output follows the input's structure.", min=0.0, max=3.0
+    )
+    dynamic: float = _param(
+        6.0, "Classifier-free guidance scale (the original's 'HDR'). 1 disables guidance.", min=1.0, max=50.0
+    )
+    num_inference_steps: int = _param(
+        18, "Scheduler steps for a full denoise; only int(steps x creativity) of them run.", min=1, max=100
+    )
+    seed: int | None = _param(
+        1337, "Random seed; the same seed, image and parameters give the same output. None = random.",
+        min=0, max=2**63 - 1,
+    )
+    scheduler: str = _param("DPM++ 3M SDE Karras", "Sampler.", choices=SCHEDULER_NAMES)
+    tiling_width: int = _param(
+        112, "Largest tile width in latent pixels (x8 = image pixels). Smaller tiles invent more detail.",
+        min=16, max=256,
+    )
+    tiling_height: int = _param(144, "Largest tile height in latent pixels (x8 = image pixels).", min=16, max=256)
+    tile_overlap: int = _param(8, "Least overlap between neighbouring tiles, in latent pixels.", min=4, max=64)
+    tile_batch_size: int = _param(8, "Tiles sent through the UNet and ControlNet in one call.", min=1, max=64)
+    multistep_factor: float = _param(
+        0.8, "Each chained pass after the first multiplies creativity by this.", min=0.0, max=2.0
+    )
+    controlnet_decay: float = _param(
+        0.825, "ControlNet residual i of n is scaled by resemblance x decay^(n-1-i); 1 = uniform.",
+        min=0.0, max=1.0,
+    )
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _check_field(f, hints[f.name], value))
+        if self.tile_overlap * 2 > min(self.tiling_width, self.tiling_height):
+            raise ParamError(
+                "tile_overlap",
+                f"must be at most half the smaller tile side ({min(self.tiling_width, self.tiling_height) // 2}),"
+                f" got {self.tile_overlap}",
+            )
+
+    def replace(self, **changes: Any) -> UpscaleParams:
+        """A copy with some fields changed (validated like a new instance)."""
+        unknown_fields(changes)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, str | None]) -> UpscaleParams:
+        """Build from text values, as they arrive from a form or a command line.
+
+        Unknown names raise `ParamError` with the closest known name as a suggestion; numbers
+        and booleans are parsed by the field's type; None and "" mean "use the default"
+        (except for prompts, where "" is a legitimate empty prompt).
+        """
+        unknown_fields(values)
+        hints = get_type_hints(cls)
+        parsed: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in values or values[f.name] is None:
+                continue
+            text = values[f.name]
+            if text == "" and hints[f.name] is not str:
+                continue
+            parsed[f.name] = _parse_text(f.name, hints[f.name], text)
+        return cls(**parsed)
+
+
+def param_fields() -> tuple[dataclasses.Field, ...]:
+    """The fields of `UpscaleParams`, each with `.metadata` help, min, max and choices."""
+    return fields(UpscaleParams)
+
+
+def unknown_fields(names: Mapping[str, Any] | list[str]) -> None:
+    """Raise `ParamError` for the first name that is not a parameter, suggesting the closest one."""
+    known = [f.name for f in fields(UpscaleParams)]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ParamError(name, f"unknown parameter{hint}")
+
+
+def _parse_text(name: str, hint: Any, text: str) -> Any:
+    base = _base_type(hint)
+    if base is str:
+        return text
+    if hint == int | None and text.strip().lower() in ("none", "null", "random"):
+        return None
+    try:
+        if base is int:
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return float(text)
+    except ValueError:
+        raise ParamError(name, f"expected {'an integer' if base is int else 'a number'}, got {text!r}") from None
+
+
+def _base_type(hint: Any) -> type:
+    if hint in (int, float, str):
+        return hint
+    if hint == int | None:
+        return int
+    raise TypeError(f"unsupported parameter type {hint}")
+
+
+def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    """Type-check, normalise (int -> float where a float is expected) and range-check a value."""
+    name, meta = f.name, f.metadata
+    base = _base_type(hint)
+    if value is None:
+        if hint == int | None:
+            return None
+        raise ParamError(name, "is required")
+    if base is str:
+        if not isinstance(value, str):
+            raise ParamError(name, f"expected a string, got {type(value).__name__}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise ParamError(name, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+        return value
+    # bool is an int subclass in Python; True as a scale factor is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(name, f"expected a number, got {type(value).__name__}")
+    if base is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ParamError(name, f"expected an integer, got {value}")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ParamError(name, f"must be a finite number, got {value}")
+    if meta["min"] is not None and value < meta["min"]:
+        raise ParamError(name, f"must be >= {_fmt(meta['min'])}, got {_fmt(value)}")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ParamError(name, f"must be <= {_fmt(meta['max'])}, got {_fmt(value)}")
+    return value
+
+
+def _fmt(number: float) -> str:
+    return f"{number:g}"
