@@ -1,0 +1,95 @@
+"""The LitAPI behind `POST /v1/images/edits`: form -> `UpscaleParams` -> engine -> OpenAI JSON.
+
+LitServe runs `setup`, `decode_request`, `predict` and `encode_response` in spawned inference
+workers. Only an `HTTPException` crosses back to the client intact (status and detail), so
+every expected failure is raised as one, with an OpenAI-shaped error as its detail.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from fastapi import HTTPException
+
+from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, encode_image
+from clarity.params import ParamError
+from clarity.serving import openai
+from clarity.serving.files import FILES_ROUTE, FileStore
+
+logger = logging.getLogger(__name__)
+
+def http_error(error: openai.APIError) -> HTTPException:
+    """The exception LitServe carries from a worker to the client (headers would be dropped)."""
+    return HTTPException(status_code=error.status, detail=error.body)
+
+
+class UpscaleAPI(ls.LitAPI):
+    """OpenAI-compatible image edits served by `clarity.Upscaler`.
+
+    Everything passed to the constructor must pickle: workers are spawned processes, and the
+    model is loaded in `setup`, in each worker.
+    """
+
+    def __init__(
+        self,
+        weights: str | Path,
+        output_dir: str | Path,
+        public_url: str,
+        file_ttl_seconds: float,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+    ) -> None:
+        super().__init__(api_path=openai.EDITS_PATH)
+        self.weights = Path(weights)
+        self.output_dir = Path(output_dir)
+        self.public_url = public_url.rstrip("/")
+        self.file_ttl_seconds = file_ttl_seconds
+        self.max_input_pixels = max_input_pixels
+
+    def setup(self, device: str) -> None:
+        from clarity import Upscaler
+
+        self.upscaler = Upscaler.from_pretrained(self.weights, device=device)
+        self.files = FileStore(self.output_dir, self.file_ttl_seconds)
+
+    # `request` stays unannotated: LitServe reads the annotation as the endpoint's request type
+    # (a starlette Request), and hands this method the parsed multipart form.
+    def decode_request(self, request) -> openai.EditRequest:
+        """Validate the form into an `EditRequest`; every mistake is a 4xx naming its field."""
+        try:
+            return openai.parse_edit_form(request.multi_items(), max_input_pixels=self.max_input_pixels)
+        except openai.APIError as error:
+            raise http_error(error) from None
+        except ParamError as error:
+            raise http_error(openai.invalid(error.param, error.message)) from None
+
+    def predict(self, request: openai.EditRequest) -> tuple[openai.EditRequest, Any]:
+        try:
+            result = self.upscaler.upscale(request.image, request.params, num_images=request.n)
+        except ParamError as error:
+            raise http_error(openai.invalid(error.param, error.message)) from None
+        except Exception:
+            # Logged here, in the worker, with the traceback; the client only learns it failed.
+            logger.exception("upscale failed")
+            raise http_error(openai.APIError(500, "The upscale failed on the server.")) from None
+        return request, result
+
+    def encode_response(self, output: tuple[openai.EditRequest, Any]) -> dict[str, Any]:
+        request, result = output
+        data = []
+        for image, seed in zip(result.images, result.stats.seeds, strict=True):
+            encoded = encode_image(image, request.output_format, request.output_compression)
+            if request.response_format == "b64_json":
+                item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
+            else:
+                name = self.files.save(encoded, request.output_format)
+                item = {"url": f"{self.public_url}{FILES_ROUTE}/{name}"}
+            # `seed` is Clarity's addition: what to send to reproduce this variant alone.
+            data.append({**item, "revised_prompt": request.params.prompt, "seed": seed})
+        sizes = [image.size for image in result.images]
+        return openai.images_response(
+            data, request.output_format, sizes[0], openai.megapixels(sizes), result.stats.seconds
+        )

@@ -1,0 +1,288 @@
+"""Building and running the OpenAI-compatible server: LitServer plus limits, auth and error shapes.
+
+    clarity serve --weights weights/clarity-upscaler --api-key "$KEY"
+
+then, with the official SDK, only `base_url` changes:
+
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key=KEY)
+    client.images.edit(model="clarity-upscaler", image=open("in.png", "rb"), prompt="...",
+                       extra_body={"scale_factor": 4, "creativity": 0.35})
+
+Around LitServe's `/v1/images/edits` this adds what an OpenAI client expects: bearer-key auth
+(on every route but `/health`), a body size limit checked before the form is parsed, a 503
+while workers load, every error reshaped to `{"error": {...}}`, `GET /v1/models`, and the
+url-mode file route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clarity.serving import openai
+from clarity.serving.files import DEFAULT_TTL_SECONDS, FILES_ROUTE, FileStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8000
+DEFAULT_MAX_PAYLOAD_MB = 50
+#: Seconds a request may wait in the queue for a free worker before a 504.
+DEFAULT_QUEUE_TIMEOUT = 600
+#: Routes anyone may call: load balancers probe /health without credentials.
+OPEN_PATHS = frozenset({"/health"})
+
+
+# --- middleware ----------------------------------------------------------------------------------
+
+
+def _json_error(status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(openai.error_body(status, message, code=code), status_code=status, headers=headers)
+
+
+class GuardMiddleware:
+    """Auth, body size limit and readiness, checked before any route or form parsing runs.
+
+    A plain ASGI middleware (not LitAPI.authorize, which LitServe also puts on /health).
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, workers_ready: Callable[[], bool]
+    ) -> None:
+        self.app = app
+        self._key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.workers_ready = workers_ready
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        headers = {name.decode("latin-1").lower(): value for name, value in scope["headers"]}
+        # File URLs are capabilities: the 256-bit random name is the credential, as in OpenAI's
+        # own signed image URLs, so that a browser or <img> can fetch them without a header.
+        if self._key and path not in OPEN_PATHS and not path.startswith(FILES_ROUTE + "/"):
+            rejection = self._check_key(headers.get("authorization"))
+            if rejection:
+                await _json_error(401, rejection, code="invalid_api_key")(scope, receive, send)
+                return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        if path == openai.EDITS_PATH and not self.workers_ready():
+            await _json_error(503, "The model is still loading; retry shortly.", headers={"Retry-After": "5"})(
+                scope, receive, send
+            )
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            # Chunked uploads carry no Content-Length: count as they arrive.
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise StarletteHTTPException(413, detail=self._too_large_body())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _check_key(self, authorization: bytes | None) -> str | None:
+        """None if the bearer key is right, else the message to send (which never echoes the key)."""
+        if not authorization:
+            return "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+            return "Incorrect API key provided."
+        return None
+
+    def _too_large_body(self) -> dict[str, Any]:
+        limit = self.max_body_bytes / 1e6
+        return openai.error_body(413, f"The request body is larger than this server's limit of {limit:g} MB.")
+
+    def _too_large(self) -> Response:
+        return JSONResponse(self._too_large_body(), status_code=413)
+
+
+# --- error reshaping -----------------------------------------------------------------------------
+
+
+async def _http_exception_handler(request: Request, error: StarletteHTTPException) -> Response:
+    """FastAPI's `{"detail": ...}` -> OpenAI's `{"error": {...}}` (worker errors already are)."""
+    detail = error.detail
+    if isinstance(detail, dict) and "error" in detail:
+        body = detail
+    else:
+        message = detail if isinstance(detail, str) else "Request failed."
+        if error.status_code == 404:
+            message = f"Unknown route {request.method} {request.url.path}."
+        body = openai.error_body(error.status_code, message)
+    headers = dict(error.headers or {})
+    if error.status_code >= 500:
+        # The SDK retries 5xx twice; an upscale that failed will fail again, a full queue may not.
+        headers.update({"Retry-After": "5"} if error.status_code in (503, 504) else {"x-should-retry": "false"})
+    return JSONResponse(body, status_code=error.status_code, headers=headers)
+
+
+async def _validation_handler(request: Request, error: RequestValidationError) -> Response:
+    first = error.errors()[0] if error.errors() else {}
+    param = str(first.get("loc", ["", ""])[-1]) or None
+    body = openai.error_body(422, first.get("msg", "Invalid request."), param=param)
+    return JSONResponse(body, status_code=422)
+
+
+async def _unhandled_handler(request: Request, error: Exception) -> Response:
+    logger.exception("unhandled error on %s", request.url.path)
+    return _json_error(500, "Internal server error.", headers={"x-should-retry": "false"})
+
+
+# --- server --------------------------------------------------------------------------------------
+
+
+def build_server(
+    weights: str | Path,
+    *,
+    api_key: str | None = None,
+    output_dir: str | Path | None = None,
+    public_url: str = f"http://localhost:{DEFAULT_PORT}",
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    workers_per_device: int = 1,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_MB * 1_000_000,
+    file_ttl_seconds: float = DEFAULT_TTL_SECONDS,
+    timeout: float = DEFAULT_QUEUE_TIMEOUT,
+) -> Any:
+    """A ready-to-run `litserve.LitServer` for the upscaler in `weights`.
+
+    `public_url` is the base URL clients reach this server at; url-mode results are returned
+    as `{public_url}/v1/files/<token>.<ext>` and kept in `output_dir` (a new temporary folder
+    by default) for `file_ttl_seconds`.
+    """
+    # Imported here so that `clarity --help` does not pay for the web stack.
+    import litserve as ls
+
+    from clarity.serving.api import UpscaleAPI
+
+    output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
+    api = UpscaleAPI(weights, output_dir, public_url, file_ttl_seconds)
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        devices=devices,
+        workers_per_device=workers_per_device,
+        timeout=timeout,
+        max_payload_size=max_payload_bytes,
+        model_metadata={"model": openai.MODEL_ID, "weights": str(weights)},
+    )
+    app = server.app
+
+    def workers_ready() -> bool:
+        status = getattr(server, "workers_setup_status", None)
+        return bool(status) and all(value == ls.server.WorkerSetupStatus.READY for value in status.values())
+
+    # Added after LitServe's own middleware, so it runs first (outermost).
+    app.add_middleware(
+        GuardMiddleware, api_key=api_key, max_body_bytes=max_payload_bytes, workers_ready=workers_ready
+    )
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(Exception, _unhandled_handler)
+
+    files = FileStore(output_dir, file_ttl_seconds)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return openai.models_list()
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> Response:
+        if model_id != openai.MODEL_ID:
+            error = openai.model_not_found(model_id)
+            return JSONResponse(error.body, status_code=error.status)
+        return JSONResponse(openai.model_object())
+
+    @app.get(FILES_ROUTE + "/{name}")
+    async def get_file(name: str) -> Response:
+        path = files.find(name)
+        if path is None:
+            return _json_error(404, "No such file; result URLs expire after an hour.", code="file_not_found")
+        return FileResponse(path, media_type=files.media_type(name))
+
+    return server
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` options, shared by `clarity serve` and `python server.py`."""
+    from clarity.cli import DEFAULT_WEIGHTS
+
+    parser.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS),
+                        help=f"Model folder (default: {DEFAULT_WEIGHTS}, or $CLARITY_WEIGHTS).")
+    parser.add_argument("--host", default="0.0.0.0", help="Address to listen on (default: 0.0.0.0).")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}).")
+    parser.add_argument("--accelerator", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="Where models run (default: auto = CUDA if present).")
+    parser.add_argument("--devices", default="auto", help="Number of GPUs to use, or auto (default).")
+    parser.add_argument("--workers-per-device", type=int, default=1,
+                        help="Model copies per device, each serving one request at a time (default: 1).")
+    parser.add_argument("--api-key", default=None,
+                        help="Require 'Authorization: Bearer <key>' (default: $CLARITY_API_KEY; none = open).")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="Where url-mode results are kept (default: a new temporary folder).")
+    parser.add_argument("--public-url", default=None,
+                        help="Base URL clients reach this server at, used in result URLs"
+                             " (default: http://localhost:PORT).")
+    parser.add_argument("--max-payload-mb", type=float, default=DEFAULT_MAX_PAYLOAD_MB,
+                        help=f"Largest request body accepted, in MB (default: {DEFAULT_MAX_PAYLOAD_MB}).")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted; exit at once (1) if the weights are unusable."""
+    from clarity.models.loading import WeightsError, check_model_folder
+
+    try:
+        check_model_folder(args.weights)
+    except WeightsError as error:
+        # Before LitServe starts: otherwise every worker would die loading, one traceback each.
+        print(f"clarity: error: {error}", file=sys.stderr)
+        return 1
+    api_key = args.api_key or os.environ.get("CLARITY_API_KEY") or None
+    devices: int | str = int(args.devices) if str(args.devices).isdigit() else args.devices
+    server = build_server(
+        args.weights,
+        api_key=api_key,
+        output_dir=args.output_dir,
+        public_url=args.public_url or f"http://localhost:{args.port}",
+        accelerator=args.accelerator,
+        devices=devices,
+        workers_per_device=args.workers_per_device,
+        max_payload_bytes=int(args.max_payload_mb * 1_000_000),
+    )
+    if not api_key:
+        logger.warning("no API key set (--api-key or CLARITY_API_KEY): anyone who can reach the port can use it")
+    server.run(host=args.host, port=args.port, generate_client_file=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python server.py [options]`: the same as `clarity serve`."""
+    parser = argparse.ArgumentParser(prog="server.py", description="Serve Clarity as an OpenAI-compatible API.")
+    add_serve_arguments(parser)
+    return serve(parser.parse_args(argv))

@@ -1,0 +1,300 @@
+"""The OpenAI images API as Clarity speaks it: field names, request parsing, response and error shapes.
+
+`POST /v1/images/edits` takes the multipart form the official SDKs send for
+`client.images.edit(...)`, plus every `UpscaleParams` field as an extra form field (what
+`extra_body={...}` adds). OpenAI's standard fields are handled as follows:
+
+- `image` (required): exactly one file. Lists (`image[]`) or several files are refused.
+- `model`: must be `clarity-upscaler` when given; any other name is a 404 `model_not_found`.
+- `prompt`: the engine's `prompt` (OpenAI requires it; an empty string is a valid prompt).
+- `n`: 1-4 variants, using seeds seed, seed+1, ...
+- `size`: `WxH` sets the scale factor from the width when `scale_factor` is not given; its
+  aspect ratio must match the input's within 1 %. `auto` or absent keeps the default scale.
+- `response_format`: `url` (default) or `b64_json`.
+- `output_format`: png (default), jpeg, webp, avif or gif.
+- `output_compression`: 0-100, used as the encoder's quality for jpeg, webp and avif
+  (OpenAI's default of 100 means "least compression", which is the same scale).
+- `mask`: not supported yet (400). `stream=true`: not supported (400).
+- Accepted and ignored: `background` (input transparency is always preserved),
+  `input_fidelity` (use `resemblance`), `quality` (use `num_inference_steps`), `user`,
+  `safety_identifier`, `partial_images` (only meaningful with streaming).
+
+Nothing here knows about tiles or latents: engine fields come from `clarity.params`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from clarity.imageio import OUTPUT_FORMATS, load_image
+from clarity.params import ParamError, UpscaleParams, param_fields
+
+#: Where the SDKs post `images.edit` (relative to the host; base_url ends in /v1).
+EDITS_PATH = "/v1/images/edits"
+#: The one model name this server answers to.
+MODEL_ID = "clarity-upscaler"
+#: When the model entry says it was created (a fixed date, like OpenAI's model list).
+MODEL_CREATED = 1_735_689_600  # 2025-01-01T00:00:00Z
+
+MAX_VARIANTS = 4
+RESPONSE_FORMATS = ("url", "b64_json")
+#: Output formats by the names OpenAI uses (plus avif and gif, which Clarity adds).
+OUTPUT_FORMAT_NAMES: tuple[str, ...] = tuple(name for name in OUTPUT_FORMATS if name != "jpg")
+#: Largest relative difference between the requested and the input aspect ratio.
+SIZE_ASPECT_TOLERANCE = 0.01
+
+#: OpenAI's own form fields for `images.edit`, with what Clarity does with them.
+OPENAI_FIELDS: dict[str, str] = {
+    "image": "the image to upscale (one file)",
+    "mask": "not supported yet",
+    "model": f"must be {MODEL_ID}",
+    "prompt": "what the added detail should look like",
+    "n": f"number of variants, 1-{MAX_VARIANTS}",
+    "size": "WxH output size (sets the scale factor) or auto",
+    "response_format": "url or b64_json",
+    "output_format": "png, jpeg, webp, avif or gif",
+    "output_compression": "0-100, quality of lossy formats",
+    "background": "ignored: transparency of the input is preserved",
+    "input_fidelity": "ignored: use resemblance",
+    "quality": "ignored: use num_inference_steps",
+    "stream": "streaming is not supported",
+    "partial_images": "ignored (streaming only)",
+    "user": "ignored",
+    "safety_identifier": "ignored",
+}
+#: The SDK names a list of images `image[]`.
+_IMAGE_FIELDS = ("image", "image[]")
+
+
+def known_fields() -> list[str]:
+    """Every form field name the edits endpoint accepts: OpenAI's, then the engine's."""
+    return [*OPENAI_FIELDS, *(f.name for f in param_fields() if f.name not in OPENAI_FIELDS)]
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+#: OpenAI's error `type` for each status Clarity returns.
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+    504: "server_error",
+}
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape, which the SDKs parse into typed exceptions."""
+    error_type = type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error to send to the client as `status` with an OpenAI-shaped body.
+
+    The serving layer turns it into an `HTTPException` whose detail is `body`, which is what
+    survives the trip from an inference worker to the client.
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(status, message, param=param, code=code)
+
+
+def invalid(param: str, message: str, code: str | None = None) -> APIError:
+    """A 400 naming the offending field."""
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it. This server serves `{MODEL_ID}`.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditRequest:
+    """A validated `/v1/images/edits` request, ready for the engine."""
+
+    image: Image.Image
+    params: UpscaleParams
+    n: int = 1
+    response_format: str = "url"
+    output_format: str = "png"
+    output_compression: int | None = None
+
+
+def _is_file(value: Any) -> bool:
+    # Starlette's UploadFile; duck-typed so this module does not depend on the web framework.
+    return hasattr(value, "filename") and hasattr(value, "file")
+
+
+def _read_file(value: Any) -> bytes:
+    value.file.seek(0)
+    return value.file.read()
+
+
+def _choice(name: str, value: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise invalid(name, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _integer(name: str, value: str, low: int, high: int) -> int:
+    try:
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError
+    except ValueError:
+        raise invalid(name, f"{name} must be an integer from {low} to {high}; got {value!r}") from None
+    if not low <= number <= high:
+        raise invalid(name, f"{name} must be an integer from {low} to {high}; got {value!r}")
+    return int(number)
+
+
+def _truthy(name: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise invalid(name, f"{name} must be true or false; got {value!r}")
+
+
+def scale_for_size(size: str, image_size: tuple[int, int]) -> float | None:
+    """The scale factor a `size` of "WxH" asks for (None for "auto"), checked against the input's shape."""
+    text = size.strip().lower()
+    if text in ("", "auto"):
+        return None
+    try:
+        width, height = (int(part) for part in text.split("x"))
+        if width < 1 or height < 1:
+            raise ValueError
+    except ValueError:
+        raise invalid("size", f"size must be WIDTHxHEIGHT (e.g. 1024x768) or auto; got {size!r}") from None
+    in_width, in_height = image_size
+    requested, actual = width / height, in_width / in_height
+    if abs(requested - actual) / actual > SIZE_ASPECT_TOLERANCE:
+        raise invalid(
+            "size",
+            f"size {width}x{height} does not have the input's aspect ratio ({in_width}x{in_height});"
+            f" an upscale keeps the shape, e.g. {width}x{round(width * in_height / in_width)}",
+        )
+    return width / in_width
+
+
+def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | None = None) -> EditRequest:
+    """Validate an edits form (as (name, value) pairs) into an `EditRequest`, or raise `APIError`.
+
+    Values are strings, except files. Checks run in order of cost, so a bad field is reported
+    before the image is decoded.
+    """
+    files: list[Any] = []
+    fields: dict[str, Any] = {}
+    known = known_fields()
+    for name, value in items:
+        if name in _IMAGE_FIELDS:
+            files.append(value)
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise invalid(name, f"unknown parameter '{name}'{hint}", code="unknown_parameter")
+        if name in fields:
+            raise invalid(name, f"{name} was given more than once")
+        fields[name] = value
+
+    # Fields that are files and fields that must not be.
+    if "mask" in fields:
+        raise invalid("mask", "mask is not supported yet: the whole image is upscaled")
+    for name, value in fields.items():
+        if _is_file(value):
+            raise invalid(name, f"{name} must be a text field, not a file")
+    if not files:
+        raise invalid("image", "image is required: send one image file in the `image` field")
+    if len(files) > 1:
+        raise invalid("image", f"send one image per request; got {len(files)}")
+    if not _is_file(files[0]):
+        raise invalid("image", "image must be a file upload, not a text field")
+
+    if "model" in fields and fields["model"] != MODEL_ID:
+        raise model_not_found(fields["model"])
+    if _truthy("stream", fields.get("stream", "false")):
+        raise invalid("stream", "streaming is not supported; send stream=false or leave it out")
+
+    n = _integer("n", fields.get("n", "1"), 1, MAX_VARIANTS)
+    response_format = _choice("response_format", fields.get("response_format") or "url", RESPONSE_FORMATS)
+    output_format = _choice("output_format", (fields.get("output_format") or "png").lower(), OUTPUT_FORMAT_NAMES)
+    compression = fields.get("output_compression")
+    output_compression = _integer("output_compression", compression, 0, 100) if compression else None
+
+    engine_names = {f.name for f in param_fields()}
+    params = UpscaleParams.from_strings({name: value for name, value in fields.items() if name in engine_names})
+
+    # Decoding last: it is the expensive check.
+    load_options = {"max_pixels": max_input_pixels} if max_input_pixels else {}
+    image = load_image(_read_file(files[0]), param="image", **load_options)
+    if "scale_factor" not in fields and fields.get("size"):
+        scale = scale_for_size(fields["size"], image.size)
+        if scale is not None:
+            try:
+                params = params.replace(scale_factor=scale)
+            except ParamError as error:
+                message = f"size {fields['size']} means a scale factor of {scale:.3g}, which {error.message}"
+                raise invalid("size", message) from None
+    return EditRequest(image, params, n, response_format, output_format, output_compression)
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def images_response(
+    data: list[dict[str, Any]], output_format: str, size: tuple[int, int], megapixels: float, seconds: float
+) -> dict[str, Any]:
+    """The `ImagesResponse` body.
+
+    OpenAI's `usage` counts tokens, which mean nothing here; it is left out (the SDK's model
+    requires token fields) and Clarity's own accounting goes under `clarity_usage`, an extra
+    key the SDKs keep but do not need.
+    """
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": output_format,
+        "size": f"{size[0]}x{size[1]}",
+        "clarity_usage": {"output_megapixels": round(megapixels, 4), "seconds": round(seconds, 3)},
+    }
+
+
+def model_object() -> dict[str, Any]:
+    """The entry for Clarity's model in `GET /v1/models`."""
+    return {"id": MODEL_ID, "object": "model", "created": MODEL_CREATED, "owned_by": "clarity"}
+
+
+def models_list() -> dict[str, Any]:
+    return {"object": "list", "data": [model_object()]}
+
+
+def megapixels(sizes: Iterable[tuple[int, int]]) -> float:
+    return math.fsum(w * h for w, h in sizes) / 1e6

@@ -1,0 +1,289 @@
+"""The OpenAI-compatible server, driven through the official `openai` SDK as a user would.
+
+One LitServe server (with an API key, one CPU worker on the tiny model) serves the whole
+module; a second one without workers or a key covers the open and not-ready cases cheaply.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+
+import numpy as np
+import openai
+import pytest
+from conftest import make_test_image
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from clarity.serving.app import build_server
+from clarity.serving.files import FileStore
+
+KEY = "sk-test-clarity"
+#: Fast engine settings for every request (well under a second on two cores).
+FAST = {"num_inference_steps": 2, "creativity": 0.5}
+
+
+def png_bytes(width: int = 40, height: int = 32, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    make_test_image(width, height, seed=seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+@pytest.fixture(scope="module")
+def http(tiny_weights, tmp_path_factory):
+    """A TestClient on a running server with auth on (the SDK uses it as its http_client)."""
+    from litserve.utils import wrap_litserve_start
+
+    server = build_server(
+        tiny_weights,
+        api_key=KEY,
+        accelerator="cpu",
+        output_dir=tmp_path_factory.mktemp("outputs"),
+        public_url="http://testserver",
+    )
+    with wrap_litserve_start(server) as started, TestClient(started.app) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the inference worker did not become ready"
+            time.sleep(0.2)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(http):
+    return openai.OpenAI(api_key=KEY, base_url="http://testserver/v1", http_client=http, max_retries=0)
+
+
+def edit(client, image: bytes | tuple | list | None = None, **kwargs):
+    """`client.images.edit` with the fast settings merged into extra_body."""
+    extra = {**FAST, **kwargs.pop("extra_body", {})}
+    image = image if image is not None else ("photo.png", png_bytes(), "image/png")
+    return client.images.edit(model="clarity-upscaler", image=image, prompt=kwargs.pop("prompt", "a photo"),
+                              extra_body=extra, **kwargs)
+
+
+# --- the happy path ------------------------------------------------------------------------------
+
+
+def test_sdk_edit_returns_b64_image_at_twice_the_size(client):
+    response = edit(client, prompt="sharp details", response_format="b64_json")
+    assert len(response.data) == 1
+    item = response.data[0]
+    image = decode(item.b64_json)
+    assert image.format == "PNG" and image.size == (80, 64)
+    assert item.revised_prompt == "sharp details"
+    assert response.size == "80x64" and response.output_format == "png"
+    assert response.created > time.time() - 60
+
+
+def test_url_mode_is_the_default_and_the_url_serves_the_image(client, http):
+    response = edit(client)
+    url = response.data[0].url
+    assert url.startswith("http://testserver/v1/files/")
+    # Result URLs are capabilities: fetched without the API key, like OpenAI's signed URLs.
+    fetched = http.get(url)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(fetched.content)).size == (80, 64)
+    # A guessed name is not found, and the error has OpenAI's shape.
+    missing = http.get("/v1/files/" + "A" * 43 + ".png")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "file_not_found"
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"),
+                         [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP"), ("avif", "AVIF"), ("gif", "GIF")])
+def test_every_output_format_decodes_at_the_right_size(client, output_format, pil_format):
+    response = edit(client, response_format="b64_json", output_format=output_format, output_compression=80)
+    image = decode(response.data[0].b64_json)
+    assert image.format == pil_format
+    assert image.size == (80, 64)
+    assert response.output_format == output_format
+
+
+def test_scale_factor_and_size_set_the_output_size(client):
+    tripled = edit(client, response_format="b64_json", extra_body={"scale_factor": 3})
+    assert decode(tripled.data[0].b64_json).size == (120, 96)
+    sized = edit(client, response_format="b64_json", size="60x48")
+    assert decode(sized.data[0].b64_json).size == (60, 48)
+    assert sized.size == "60x48"
+
+
+def test_seed_changes_pixels_and_n_gives_consecutive_seeds(client):
+    def pixels(response, index=0):
+        return np.asarray(decode(response.data[index].b64_json), dtype=np.int16)
+
+    first = edit(client, response_format="b64_json", extra_body={"seed": 7})
+    again = edit(client, response_format="b64_json", extra_body={"seed": 7})
+    other = edit(client, response_format="b64_json", extra_body={"seed": 8})
+    assert np.array_equal(pixels(first), pixels(again))
+    assert np.abs(pixels(first) - pixels(other)).mean() > 0.5
+
+    pair = edit(client, response_format="b64_json", n=2, extra_body={"seed": 7})
+    assert [item.model_extra["seed"] for item in pair.data] == [7, 8]
+    assert np.array_equal(pixels(pair, 0), pixels(first))
+    assert np.array_equal(pixels(pair, 1), pixels(other))
+
+
+def test_models_list_has_the_openai_shape(client, http):
+    assert [model.id for model in client.models.list()] == ["clarity-upscaler"]
+    body = http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert body["object"] == "list"
+    assert body["data"][0]["object"] == "model" and body["data"][0]["owned_by"] == "clarity"
+
+
+# --- errors the SDK turns into typed exceptions --------------------------------------------------
+
+
+def test_out_of_range_creativity_names_the_field(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        edit(client, extra_body={"creativity": 2})
+    assert caught.value.status_code == 400
+    assert caught.value.param == "creativity"
+    assert "<= 1" in caught.value.message
+
+
+def test_unknown_field_suggests_the_nearest_one(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        edit(client, extra_body={"creativty": 0.4})
+    assert caught.value.param == "creativty"
+    assert "did you mean 'creativity'" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        edit(client, extra_body={"output_formt": "png"})
+    assert "did you mean 'output_format'" in caught.value.message
+
+
+def test_a_file_that_is_not_an_image_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        edit(client, image=b"this is not an image")  # the SDK names it `upload`
+    assert caught.value.param == "image"
+
+
+def test_two_images_are_refused(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        edit(client, image=[("a.png", png_bytes(), "image/png"), ("b.png", png_bytes(), "image/png")])
+    assert caught.value.param == "image"
+
+
+def test_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.images.edit(model="dall-e-2", image=("a.png", png_bytes(), "image/png"), prompt="x")
+    assert caught.value.status_code == 404
+    assert caught.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"size": "80x40"}, "size"),  # not the input's aspect ratio
+        ({"size": "800x640"}, "size"),  # scale 20 is over the limit
+        ({"n": 5}, "n"),
+        ({"output_format": "bmp"}, "output_format"),
+        ({"response_format": "json"}, "response_format"),
+        ({"mask": ("mask.png", png_bytes(), "image/png")}, "mask"),
+    ],
+)
+def test_invalid_openai_fields_name_the_field(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        edit(client, **kwargs)
+    assert caught.value.param == param
+
+
+def test_streaming_is_refused(http):
+    response = http.post(
+        "/v1/images/edits",
+        headers={"Authorization": f"Bearer {KEY}"},
+        files={"image": ("a.png", png_bytes(), "image/png")},
+        data={"model": "clarity-upscaler", "prompt": "x", "stream": "true"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream"
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+
+def test_wrong_key_is_an_authentication_error(http):
+    wrong = openai.OpenAI(api_key="sk-wrong", base_url="http://testserver/v1", http_client=http, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        edit(wrong)
+    assert caught.value.status_code == 401
+    assert "sk-wrong" not in caught.value.message
+
+
+def test_every_route_but_health_needs_the_key(http):
+    assert http.get("/health").status_code == 200
+    for method, path in [("GET", "/v1/models"), ("GET", "/info"), ("POST", "/v1/images/edits")]:
+        response = http.request(method, path)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_is_a_404_in_openai_shape(http):
+    response = http.get("/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 404
+    assert "message" in response.json()["error"]
+
+
+# --- a server without a key, and without workers -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_http(tiny_weights, tmp_path):
+    """No key, a 1 kB body limit, and no inference workers started (so never ready)."""
+    server = build_server(tiny_weights, accelerator="cpu", output_dir=tmp_path, max_payload_bytes=1000)
+    return TestClient(server.app)
+
+
+@pytest.fixture(scope="module")
+def tmp_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("open")
+
+
+def test_without_a_key_routes_are_open(open_http):
+    assert open_http.get("/v1/models").json()["data"][0]["id"] == "clarity-upscaler"
+
+
+def test_not_ready_is_a_503_the_sdk_may_retry(open_http):
+    client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=open_http, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        edit(client, image=("a.png", png_bytes(8, 8), "image/png"))
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["retry-after"]
+
+
+def test_body_over_the_limit_is_a_413(open_http):
+    response = open_http.post("/v1/images/edits", files={"image": ("a.png", png_bytes(), "image/png")})
+    assert response.status_code == 413
+    assert "limit" in response.json()["error"]["message"]
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+
+def test_file_store_expires_results_and_ignores_foreign_names(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("store")
+    (folder / "notes.txt").write_text("not ours")
+    store = FileStore(folder, ttl_seconds=60)
+    name = store.save(b"data", "png")
+    assert store.find(name).read_bytes() == b"data"
+    assert store.find("../notes.txt") is None and store.find("notes.txt") is None
+    old = time.time() - 120
+    os.utime(folder / name, (old, old))
+    os.utime(folder / "notes.txt", (old, old))
+    assert store.find(name) is None and not (folder / name).exists()
+    store.purge_expired()
+    assert (folder / "notes.txt").exists()
+
+
+def test_serve_exits_at_once_without_weights(tmp_path_factory, capsys):
+    from clarity.cli import main
+
+    missing = tmp_path_factory.mktemp("empty") / "none"
+    assert main(["serve", "--weights", str(missing)]) == 1
+    assert "clarity weights tiny" in capsys.readouterr().err
