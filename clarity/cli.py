@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny", help="Write the tiny random SD1.5-shaped test model (no meaningful output; for tests and demos)."
     )
     tiny.add_argument("folder", type=Path, help="Where to write it, e.g. weights/tiny.")
+
+    from clarity.serving.app import add_serve_arguments
+
+    add_serve_arguments(commands.add_parser("serve", help="Serve the OpenAI-compatible API (POST /v1/images/edits)."))
     return parser
 
 
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "upscale":
             return _upscale(args)
+        if args.command == "serve":
+            from clarity.serving.app import serve
+
+            return serve(args)
         if args.command == "weights" and args.weights_command == "tiny":
             from clarity.models.tiny import save_tiny_weights
 
