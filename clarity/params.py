@@ -75,7 +75,7 @@ class UpscaleParams:
     )
     seed: int | None = _param(
         1337, "Random seed; the same seed, image and parameters give the same output. None = random.",
-        min=0, max=2**63 - 1,
+        min=0, max=2**32 - 1,
     )
     scheduler: str = _param("DPM++ 3M SDE Karras", "Sampler.", choices=SCHEDULER_NAMES)
     tiling_width: int = _param(

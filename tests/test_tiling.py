@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -23,7 +24,7 @@ def test_axis_plan_covers_everything_with_enough_overlap(length, max_tile, overl
     assert 1 <= size <= max_tile
     assert starts[0] == 0 and starts[-1] + size == length  # first and last tile touch the edges
     assert all(0 <= s and s + size <= length for s in starts)  # inside the image
-    for before, after in zip(starts, starts[1:]):
+    for before, after in itertools.pairwise(starts):
         assert after > before
         assert before + size - after >= overlap  # no gaps; neighbours share >= overlap pixels
 
@@ -93,7 +94,7 @@ def test_blending_cross_fades_instead_of_cutting(height, width, overlap):
     rows, cols = sorted({t.top for t in plan.tiles}), sorted({t.left for t in plan.tiles})
     values = torch.tensor([10.0 * ((rows.index(t.top) + cols.index(t.left)) % 2) for t in plan.tiles])
     blended, total = torch.zeros(height, width), torch.zeros(height, width)
-    for tile, value in zip(plan.tiles, values):
+    for tile, value in zip(plan.tiles, values, strict=True):
         weight = tile_weight(tile, plan)
         blended[tile.latent_slice()] += weight * value
         total[tile.latent_slice()] += weight

@@ -23,4 +23,4 @@ def scale_residuals(
     """Multiply the ControlNet's down and mid residuals by `scales` (from `residual_scales`)."""
     if len(scales) != len(down) + 1:
         raise ValueError(f"expected {len(down) + 1} scales, got {len(scales)}")
-    return [r * s for r, s in zip(down, scales[:-1], strict=False)], mid * scales[-1]
+    return [r * s for r, s in zip(down, scales[:-1], strict=True)], mid * scales[-1]

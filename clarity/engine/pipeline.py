@@ -245,7 +245,7 @@ class TiledUpscalePipeline:
             if do_cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (cond - uncond)
-            for tile, tile_noise, weight in zip(batch, noise, blend_weights[first:first + len(batch)], strict=False):
+            for tile, tile_noise, weight in zip(batch, noise, blend_weights[first:first + len(batch)], strict=True):
                 blended[(..., *tile.latent_slice())] += tile_noise.float() * weight
                 weights[tile.latent_slice()] += weight
         return (blended / weights).to(latents.dtype)
