@@ -22,6 +22,8 @@ from clarity.serving.app import build_server
 from clarity.serving.files import FileStore
 
 KEY = "sk-test-clarity"
+#: Request body limit of the test server (bytes): far above the test images, cheap to exceed.
+LIMIT = 1_000_000
 #: Fast engine settings for every request (well under a second on two cores).
 FAST = {"num_inference_steps": 2, "creativity": 0.5}
 
@@ -45,6 +47,7 @@ def http(tiny_weights, tmp_path_factory):
         tiny_weights,
         api_key=KEY,
         accelerator="cpu",
+        max_payload_bytes=LIMIT,
         output_dir=tmp_path_factory.mktemp("outputs"),
         public_url="http://testserver",
     )
@@ -257,10 +260,30 @@ def test_not_ready_is_a_503_the_sdk_may_retry(open_http):
     assert caught.value.response.headers["retry-after"]
 
 
-def test_body_over_the_limit_is_a_413(open_http):
+def test_body_over_the_limit_is_a_413_before_any_work(open_http):
     response = open_http.post("/v1/images/edits", files={"image": ("a.png", png_bytes(), "image/png")})
     assert response.status_code == 413
     assert "limit" in response.json()["error"]["message"]
+
+
+def test_body_over_the_limit_is_a_413_even_without_a_content_length(http):
+    boundary = "clarityboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+
+    def chunks():  # a generator body is sent chunked, with no Content-Length to check up front
+        yield head
+        for _ in range(LIMIT // 65536 + 2):
+            yield bytes(65536)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = http.post(
+        "/v1/images/edits",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 # --- pieces --------------------------------------------------------------------------------------

@@ -20,13 +20,14 @@ import argparse
 import hmac
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -97,7 +98,8 @@ class GuardMiddleware:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
-                raise StarletteHTTPException(413, detail=self._too_large_body())
+                # FastAPI's subclass: LitServe's endpoint re-raises only that one, as it is.
+                raise HTTPException(413, detail=self._too_large_body())
             return message
 
         await self.app(scope, limited_receive, send)
@@ -277,6 +279,17 @@ def serve(args: argparse.Namespace) -> int:
     )
     if not api_key:
         logger.warning("no API key set (--api-key or CLARITY_API_KEY): anyone who can reach the port can use it")
+    # LitServe shuts its workers down on KeyboardInterrupt only; a plain SIGTERM (docker stop,
+    # Kubernetes) would leave the inference workers running as orphans.
+    main_pid = os.getpid()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        # A forked HTTP process (uvicorn re-raises the signal after its own graceful shutdown).
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     server.run(host=args.host, port=args.port, generate_client_file=False)
     return 0
 
