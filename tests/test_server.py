@@ -310,3 +310,23 @@ def test_serve_exits_at_once_without_weights(tmp_path_factory, capsys):
     missing = tmp_path_factory.mktemp("empty") / "none"
     assert main(["serve", "--weights", str(missing)]) == 1
     assert "clarity weights tiny" in capsys.readouterr().err
+
+
+def test_engine_failure_is_a_500_without_internals(tmp_path_factory):
+    from fastapi import HTTPException
+
+    from clarity.params import UpscaleParams
+    from clarity.serving.api import UpscaleAPI
+    from clarity.serving.openai import EditRequest
+
+    class Broken:
+        def upscale(self, *args, **kwargs):
+            raise RuntimeError("CUDA out of memory at /secret/path")
+
+    api = UpscaleAPI("unused", tmp_path_factory.mktemp("out"), "http://x", 60)
+    api.upscaler = Broken()
+    with pytest.raises(HTTPException) as caught:
+        api.predict(EditRequest(image=make_test_image(8, 8), params=UpscaleParams()))
+    assert caught.value.status_code == 500
+    error = caught.value.detail["error"]
+    assert error["type"] == "server_error" and "secret" not in error["message"]
