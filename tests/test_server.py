@@ -87,7 +87,7 @@ def test_sdk_edit_returns_b64_image_at_twice_the_size(client):
 
 
 def test_url_mode_is_the_default_and_the_url_serves_the_image(client, http):
-    response = edit(client)
+    response = edit(client, image=png_bytes())  # raw bytes: the SDK sends `upload`, octet-stream
     url = response.data[0].url
     assert url.startswith("http://testserver/v1/files/")
     # Result URLs are capabilities: fetched without the API key, like OpenAI's signed URLs.
