@@ -6,8 +6,26 @@
     result.image.save("photo_2x.png")
 """
 
-from clarity.engine.upscaler import ProgressEvent, Upscaler, UpscaleResult, UpscaleStats
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from clarity.params import ParamError, UpscaleParams
+
+if TYPE_CHECKING:
+    from clarity.engine.upscaler import ProgressEvent, Upscaler, UpscaleResult, UpscaleStats
 
 __all__ = ["ParamError", "ProgressEvent", "UpscaleParams", "UpscaleResult", "UpscaleStats", "Upscaler"]
 __version__ = "0.1.0"
+
+_ENGINE_NAMES = {"ProgressEvent", "Upscaler", "UpscaleResult", "UpscaleStats"}
+
+
+def __getattr__(name: str) -> Any:
+    # The engine pulls in torch and diffusers (~8 s); `clarity --help`, the parameter
+    # definitions and the HTTP front end should not pay for that until a model is needed.
+    if name in _ENGINE_NAMES:
+        from clarity.engine import upscaler
+
+        return getattr(upscaler, name)
+    raise AttributeError(f"module 'clarity' has no attribute {name!r}")

@@ -231,3 +231,13 @@ def test_progress_reports_every_step_of_every_pass(upscaler, image):
     upscaler.upscale(image, scale_factor=4, progress=events.append, **FAST)
     assert [(e.pass_index, e.step) for e in events] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
     assert events[-1].fraction == pytest.approx(1.0)
+
+
+def test_outputs_over_the_pixel_limit_are_refused_before_any_work(tiny_weights):
+    from clarity import Upscaler
+
+    limited = Upscaler.from_pretrained(tiny_weights, device="cpu", max_output_pixels=100 * 100)
+    with pytest.raises(ParamError, match="125x100 = 0.0 MP; the limit here is 0.0 MP") as caught:
+        limited.upscale(make_test_image(50, 40), scale_factor=2.5, **FAST)
+    assert caught.value.param == "scale_factor"
+    assert limited.upscale(make_test_image(50, 40), scale_factor=2, **FAST).image.size == (100, 80)

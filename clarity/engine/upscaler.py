@@ -21,7 +21,7 @@ from PIL import Image
 
 from clarity.engine.pipeline import PassSettings, PassStats, TiledUpscalePipeline
 from clarity.engine.preupscale import PreUpscaler, lanczos
-from clarity.imageio import ImageSource, join_from_model, load_image, split_for_model
+from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS, ImageSource, join_from_model, load_image, split_for_model
 from clarity.params import ParamError, UpscaleParams
 
 #: Largest factor of a single pass; larger scale factors chain passes (the original's scheme).
@@ -121,15 +121,21 @@ class Upscaler:
         pre_upscaler: PreUpscaler = lanczos,
         name: str = "clarity-upscaler",
         tiny_model: bool = False,
+        max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
     ) -> None:
         self.pipeline = pipeline
         self.pre_upscaler = pre_upscaler
         self.name = name
         self.tiny_model = tiny_model
+        self.max_output_pixels = max_output_pixels
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
     ) -> Upscaler:
         """Load a model folder (see weights/README.md) onto `device` (default CUDA if present, else CPU)."""
         from clarity.models.loading import load_components
@@ -143,7 +149,7 @@ class Upscaler:
             controlnet=parts.controlnet,
             scheduler_config=parts.scheduler_config,
         )
-        return cls(pipeline, tiny_model=parts.is_tiny)
+        return cls(pipeline, tiny_model=parts.is_tiny, max_output_pixels=max_output_pixels)
 
     @property
     def device(self) -> torch.device:
@@ -169,6 +175,13 @@ class Upscaler:
             raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
         started = time.perf_counter()
         source = split_for_model(load_image(image))
+        width, height = output_size(source.rgb.size, params.scale_factor)
+        if width * height > self.max_output_pixels:
+            raise ParamError(
+                "scale_factor",
+                f"the output would be {width}x{height} = {width * height / 1e6:.1f} MP; the limit here is"
+                f" {self.max_output_pixels / 1e6:.1f} MP (max_output_pixels)",
+            )
         base_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         stats = UpscaleStats(model=self.name, tiny_model=self.tiny_model, device=str(self.device))
         images = []

@@ -79,6 +79,7 @@ def load_components(
     """
     from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
     folder = check_model_folder(folder)
     device = torch.device(device) if device is not None else default_device()
@@ -91,6 +92,8 @@ def load_components(
             raise WeightsError(f"could not load {part} from {folder / part}: {error}") from error
 
     common = {"local_files_only": True}
+    # transformers draws a progress bar per loaded model: noise in server logs and CLI output.
+    transformers_logging.disable_progress_bar()
     unet = load("unet", lambda p: UNet2DConditionModel.from_pretrained(p, torch_dtype=dtype, **common))
     controlnet = load("controlnet", lambda p: ControlNetModel.from_pretrained(p, torch_dtype=dtype, **common))
     vae = load("vae", lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=torch.float32, **common))

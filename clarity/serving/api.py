@@ -15,7 +15,7 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException
 
-from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, encode_image
+from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS, encode_image
 from clarity.params import ParamError
 from clarity.serving import openai
 from clarity.serving.files import FILES_ROUTE, FileStore
@@ -41,6 +41,7 @@ class UpscaleAPI(ls.LitAPI):
         public_url: str,
         file_ttl_seconds: float,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
     ) -> None:
         super().__init__(api_path=openai.EDITS_PATH)
         self.weights = Path(weights)
@@ -48,11 +49,14 @@ class UpscaleAPI(ls.LitAPI):
         self.public_url = public_url.rstrip("/")
         self.file_ttl_seconds = file_ttl_seconds
         self.max_input_pixels = max_input_pixels
+        self.max_output_pixels = max_output_pixels
 
     def setup(self, device: str) -> None:
         from clarity import Upscaler
 
-        self.upscaler = Upscaler.from_pretrained(self.weights, device=device)
+        self.upscaler = Upscaler.from_pretrained(self.weights, device=device, max_output_pixels=self.max_output_pixels)
+        if self.upscaler.tiny_model:
+            logger.warning("serving the tiny test model from %s: its outputs have no meaningful detail", self.weights)
         self.files = FileStore(self.output_dir, self.file_ttl_seconds)
 
     # `request` stays unannotated: LitServe reads the annotation as the endpoint's request type

@@ -33,6 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.serving import openai
 from clarity.serving.files import DEFAULT_TTL_SECONDS, FILES_ROUTE, FileStore
 
@@ -168,6 +169,7 @@ def build_server(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_MB * 1_000_000,
     file_ttl_seconds: float = DEFAULT_TTL_SECONDS,
     timeout: float = DEFAULT_QUEUE_TIMEOUT,
+    max_output_pixels: int | None = None,
 ) -> Any:
     """A ready-to-run `litserve.LitServer` for the upscaler in `weights`.
 
@@ -181,7 +183,8 @@ def build_server(
     from clarity.serving.api import UpscaleAPI
 
     output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
-    api = UpscaleAPI(weights, output_dir, public_url, file_ttl_seconds)
+    limits = {"max_output_pixels": max_output_pixels} if max_output_pixels else {}
+    api = UpscaleAPI(weights, output_dir, public_url, file_ttl_seconds, **limits)
     server = ls.LitServer(
         api,
         accelerator=accelerator,
@@ -253,11 +256,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              " (default: http://localhost:PORT).")
     parser.add_argument("--max-payload-mb", type=float, default=DEFAULT_MAX_PAYLOAD_MB,
                         help=f"Largest request body accepted, in MB (default: {DEFAULT_MAX_PAYLOAD_MB}).")
+    default_mp = DEFAULT_MAX_OUTPUT_PIXELS / 1e6
+    parser.add_argument("--max-output-mp", type=float, default=None,
+                        help=f"Largest output accepted, in megapixels (default: {default_mp:.1f}).")
 
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; exit at once (1) if the weights are unusable."""
     from clarity.models.loading import WeightsError, check_model_folder
+    from clarity.models.tiny import TINY_MARKER
 
     try:
         check_model_folder(args.weights)
@@ -276,7 +283,10 @@ def serve(args: argparse.Namespace) -> int:
         devices=devices,
         workers_per_device=args.workers_per_device,
         max_payload_bytes=int(args.max_payload_mb * 1_000_000),
+        max_output_pixels=int(args.max_output_mp * 1_000_000) if args.max_output_mp else None,
     )
+    if (args.weights / TINY_MARKER).exists():
+        logger.warning("serving the tiny test model in %s: outputs have no meaningful detail", args.weights)
     if not api_key:
         logger.warning("no API key set (--api-key or CLARITY_API_KEY): anyone who can reach the port can use it")
     # LitServe shuts its workers down on KeyboardInterrupt only; a plain SIGTERM (docker stop,
