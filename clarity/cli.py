@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import get_type_hints
 
 from clarity.params import ParamError, UpscaleParams, param_fields
 
@@ -23,6 +24,7 @@ _ALIASES = {"scale_factor": ["--scale"], "num_inference_steps": ["--steps"]}
 
 def _add_param_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("upscaling parameters")
+    hints = get_type_hints(UpscaleParams)
     for f in param_fields():
         meta = f.metadata
         limits = ""
@@ -31,6 +33,11 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
         elif meta["min"] is not None:
             limits = f" Range {meta['min']:g}-{meta['max']:g}."
         flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+        if hints[f.name] is bool:
+            # A switch: present means "true", as users expect of a flag.
+            group.add_argument(*flags, dest=f.name, action="store_const", const="true", default=None,
+                               help=f"{meta['help']} Off by default.")
+            continue
         group.add_argument(*flags, dest=f.name, metavar="VALUE", default=None,
                            help=f"{meta['help']}{limits} Default: {f.default}.")
 

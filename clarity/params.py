@@ -45,6 +45,9 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "DDIM",
 )
 
+#: How a pass's colours are tied to its input; see engine/postprocess.py.
+COLOR_FIX_METHODS: tuple[str, ...] = ("wavelet", "adain", "none")
+
 DEFAULT_PROMPT = "masterpiece, best quality, highres"
 # The original writes "(worst quality, low quality, normal quality:2)"; prompt weighting is
 # not parsed yet, so the default keeps the words without syntax that would be read literally.
@@ -91,6 +94,15 @@ class UpscaleParams:
     controlnet_decay: float = _param(
         0.825, "ControlNet residual i of n is scaled by resemblance x decay^(n-1-i); 1 = uniform.",
         min=0.0, max=1.0,
+    )
+    color_fix: str = _param(
+        "wavelet", "Keep the input's colours: wavelet (coarse layers from the input), adain (channel mean/std)"
+        " or none.", choices=COLOR_FIX_METHODS,
+    )
+    sharpen: float = _param(0.0, "Sharpen the result with the original's 3x3 kernel; 0 = off.", min=0.0, max=10.0)
+    downscaling: bool = _param(False, "Shrink the input first so its longest side is downscaling_resolution.")
+    downscaling_resolution: int = _param(
+        768, "Longest side, in pixels, the input is shrunk to when downscaling is on.", min=64, max=8192
     )
 
     def __post_init__(self) -> None:
@@ -146,10 +158,18 @@ def unknown_fields(names: Mapping[str, Any] | list[str]) -> None:
             raise ParamError(name, f"unknown parameter{hint}")
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 def _parse_text(name: str, hint: Any, text: str) -> Any:
     base = _base_type(hint)
     if base is str:
         return text
+    if base is bool:
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ParamError(name, f"expected true or false, got {text!r}")
+        return word in _TRUE
     if hint == int | None and text.strip().lower() in ("none", "null", "random"):
         return None
     try:
@@ -164,7 +184,7 @@ def _parse_text(name: str, hint: Any, text: str) -> Any:
 
 
 def _base_type(hint: Any) -> type:
-    if hint in (int, float, str):
+    if hint in (bool, int, float, str):
         return hint
     if hint == int | None:
         return int
@@ -179,6 +199,10 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
         if hint == int | None:
             return None
         raise ParamError(name, "is required")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ParamError(name, f"expected true or false, got {type(value).__name__}")
+        return value
     if base is str:
         if not isinstance(value, str):
             raise ParamError(name, f"expected a string, got {type(value).__name__}")

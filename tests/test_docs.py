@@ -26,5 +26,8 @@ def test_readme_parameter_table_lists_every_parameter_with_its_default():
     for f in param_fields():
         assert f.name in rows, f"README parameter table lacks {f.name}"
         default = rows[f.name].strip().strip("`")
-        expected = f.default if isinstance(f.default, str) else f"{f.default:g}"
+        if isinstance(f.default, bool):
+            expected = str(f.default).lower()
+        else:
+            expected = f.default if isinstance(f.default, str) else f"{f.default:g}"
         assert default == expected, f"README default of {f.name} is {default}, code says {expected}"

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from clarity.engine.pipeline import PassSettings, PassStats, TiledUpscalePipeline
+from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, lanczos
 from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS, ImageSource, join_from_model, load_image, split_for_model
 from clarity.params import ParamError, UpscaleParams
@@ -175,7 +176,8 @@ class Upscaler:
             raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
         started = time.perf_counter()
         source = split_for_model(load_image(image))
-        width, height = output_size(source.rgb.size, params.scale_factor)
+        rgb = shrink_to(source.rgb, params.downscaling_resolution) if params.downscaling else source.rgb
+        width, height = output_size(rgb.size, params.scale_factor)
         if width * height > self.max_output_pixels:
             raise ParamError(
                 "scale_factor",
@@ -188,8 +190,8 @@ class Upscaler:
         for variant in range(num_images):
             seed = base_seed + variant
             stats.seeds.append(seed)
-            rgb = self._upscale_rgb(source.rgb, params, seed, variant, num_images, progress, stats)
-            images.append(join_from_model(rgb, source))
+            result = self._upscale_rgb(rgb, params, seed, variant, num_images, progress, stats)
+            images.append(join_from_model(sharpen(result, params.sharpen), source))
         stats.seconds = time.perf_counter() - started
         return UpscaleResult(images=images, stats=stats)
 
@@ -225,9 +227,14 @@ class Upscaler:
 
             if progress is not None:
                 progress(ProgressEvent(variant, variants, index, len(factors), 0, 0))
-            result, pass_stats = self.pipeline(pil_to_tensor(pre_upscaled), settings, on_step=on_step)
+            reference = pil_to_tensor(pre_upscaled)
+            result, pass_stats = self.pipeline(reference, settings, on_step=on_step)
             pass_stats.input_size = rgb.size
             pass_stats.seconds = {"pre_upscale": preupscale_seconds, **pass_stats.seconds}
+            if pass_stats.denoising_steps > 0:
+                started = time.perf_counter()
+                result = color_fix(result, reference, params.color_fix)
+                pass_stats.seconds["color_fix"] = time.perf_counter() - started
             stats.passes.append(pass_stats)
             rgb = tensor_to_pil(result)
         return rgb
@@ -250,6 +257,14 @@ class Upscaler:
             tile_batch_size=params.tile_batch_size,
             seed=seed,
         )
+
+
+def shrink_to(image: Image.Image, longest_side: int) -> Image.Image:
+    """`image` shrunk (Lanczos) so its longest side is `longest_side`; smaller images are kept as they are."""
+    scale = longest_side / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize(output_size(image.size, scale), Image.Resampling.LANCZOS)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

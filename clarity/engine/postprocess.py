@@ -1,0 +1,62 @@
+"""What happens to a pass's output after diffusion: colour fix and sharpening.
+
+Colour fix keeps the diffusion from drifting the image's colours (a common complaint: washed
+out or grey results): the output's low frequencies are replaced by, or matched to, those of
+the pre-upscaled input, while the detail diffusion added stays.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from clarity.params import COLOR_FIX_METHODS
+
+#: Levels of the wavelet decomposition: blurs of radius 1, 2, 4, 8, 16 px. What is coarser than
+#: that (colour, shading) comes from the input; what is finer (texture, detail) from diffusion.
+WAVELET_LEVELS = 5
+
+
+def color_fix(output: torch.Tensor, reference: torch.Tensor, method: str) -> torch.Tensor:
+    """Match `output`'s colours to `reference` (both (1, 3, H, W) in [0, 1]) by `method`.
+
+    - "wavelet": output's fine detail plus reference's coarse layers (StableSR's wavelet fix).
+    - "adain": per-channel mean and standard deviation of output set to reference's.
+    - "none": output unchanged.
+    """
+    if method == "none":
+        return output
+    if method == "adain":
+        out_mean, out_std = output.mean((-2, -1), keepdim=True), output.std((-2, -1), keepdim=True)
+        ref_mean, ref_std = reference.mean((-2, -1), keepdim=True), reference.std((-2, -1), keepdim=True)
+        return ((output - out_mean) / (out_std + 1e-6) * ref_std + ref_mean).clamp(0, 1)
+    if method == "wavelet":
+        detail, _ = _wavelet_split(output)
+        _, coarse = _wavelet_split(reference)
+        return (detail + coarse).clamp(0, 1)
+    raise ValueError(f"unknown colour fix {method!r}; choose one of {', '.join(COLOR_FIX_METHODS)}")
+
+
+def _wavelet_split(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fine detail, coarse remainder) of `image`, with detail + coarse == image."""
+    kernel = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=image.dtype, device=image.device) / 16
+    kernel = kernel.expand(image.shape[1], 1, 3, 3)
+    coarse = image
+    for level in range(WAVELET_LEVELS):
+        radius = 2**level
+        padded = F.pad(coarse, (radius,) * 4, mode="replicate")
+        coarse = F.conv2d(padded, kernel, dilation=radius, groups=image.shape[1])
+    return image - coarse, coarse
+
+
+def sharpen(image: Image.Image, amount: float) -> Image.Image:
+    """The original Clarity's sharpening: a 3x3 kernel with off-centre weights a = -amount/10.
+
+    The centre is 1 - 8a, so the kernel sums to 1 and flat areas keep their value.
+    """
+    if amount == 0:
+        return image
+    a = -amount / 10
+    kernel = ImageFilter.Kernel((3, 3), [a, a, a, a, 1 - 8 * a, a, a, a, a], scale=1)
+    return image.filter(kernel)

@@ -1,0 +1,98 @@
+"""Colour fix, sharpening and downscaling, as a user of the engine sees them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAST, make_test_image
+from PIL import Image
+
+from clarity import ParamError, UpscaleParams
+from clarity.engine.postprocess import color_fix, sharpen
+from clarity.engine.upscaler import pil_to_tensor
+
+
+def channel_means(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
+
+
+def coarse(image: Image.Image) -> torch.Tensor:
+    return F.avg_pool2d(pil_to_tensor(image), 16)
+
+
+@pytest.mark.parametrize("method", ["wavelet", "adain"])
+def test_colour_fix_removes_a_colour_cast_and_keeps_the_detail(method):
+    reference = pil_to_tensor(make_test_image(96, 64))
+    detail = 0.05 * torch.sin(torch.arange(96.0))[None, None, None, :]  # 1-px-scale texture
+    cast = torch.tensor([0.12, -0.08, 0.05])[None, :, None, None]  # a washed-out, tinted result
+    fixed = color_fix((reference + detail + cast).clamp(0, 1), reference, method)
+    # The cast is gone: channel means are back to the reference's.
+    assert (fixed.mean((-2, -1)) - reference.mean((-2, -1))).abs().max() < 0.01
+    if method == "wavelet":
+        # And the texture diffusion "added" survives the fix.
+        texture = (fixed - reference).mean((0, 1, 2))
+        assert torch.corrcoef(torch.stack([texture, detail.flatten()]))[0, 1] > 0.8
+
+
+def test_engine_applies_the_colour_fix(upscaler, image):
+    pre_upscaled = image.resize((80, 64), Image.Resampling.LANCZOS)
+    strong = {"num_inference_steps": 10, "creativity": 0.9}
+    drifted = upscaler.upscale(image, color_fix="none", **strong).image
+    wavelet = upscaler.upscale(image, color_fix="wavelet", **strong).image
+    # The coarse layout (local colours) follows the input. Channel means are not compared: the
+    # tiny model's "detail" is strong noise, which clipping to [0, 1] biases.
+    wavelet_error = (coarse(wavelet) - coarse(pre_upscaled)).abs().mean()
+    assert wavelet_error < 0.5 * (coarse(drifted) - coarse(pre_upscaled)).abs().mean()
+
+
+def test_colour_fix_keeps_the_added_detail(upscaler, image):
+    pre_upscaled = pil_to_tensor(image.resize((80, 64), Image.Resampling.LANCZOS))
+    fixed = pil_to_tensor(upscaler.upscale(image, color_fix="wavelet", **FAST).image)
+    assert (fixed - pre_upscaled).abs().mean() > 0.01  # not simply the input again
+
+
+def test_wavelet_fix_of_an_image_with_itself_is_the_identity():
+    image = pil_to_tensor(make_test_image(64, 48))
+    assert torch.allclose(color_fix(image, image, "wavelet"), image, atol=1e-5)
+
+
+def test_sharpen_applies_the_originals_kernel(upscaler, image):
+    plain = upscaler.upscale(image, creativity=0.0).image
+    sharpened = upscaler.upscale(image, creativity=0.0, sharpen=5).image
+    # The kernel written out independently: off-centre -0.5, centre 1 + 8 * 0.5 = 5.
+    source = np.asarray(plain, dtype=np.float64)
+    padded = np.pad(source, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    expected = 5 * source
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                expected -= 0.5 * padded[1 + dy:1 + dy + source.shape[0], 1 + dx:1 + dx + source.shape[1]]
+    expected = np.clip(np.round(expected), 0, 255)
+    inner = (slice(1, -1), slice(1, -1))  # Pillow treats the one-pixel border its own way
+    assert np.abs(np.asarray(sharpened, dtype=np.float64)[inner] - expected[inner]).max() <= 1
+    assert sharpen(plain, 0) is plain
+
+
+def test_downscaling_shrinks_large_inputs_first(upscaler):
+    large = make_test_image(100, 50)
+    result = upscaler.upscale(large, downscaling=True, downscaling_resolution=64, **FAST)
+    assert result.image.size == (128, 64)
+    assert result.stats.passes[0].input_size == (64, 32)
+    small = upscaler.upscale(make_test_image(40, 20), downscaling=True, downscaling_resolution=64, **FAST)
+    assert small.image.size == (80, 40)  # already small enough: untouched
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("false", False), ("1", True), ("no", False)])
+def test_switches_parse_from_text(text, value):
+    assert UpscaleParams.from_strings({"downscaling": text}).downscaling is value
+
+
+def test_switch_rejects_other_values():
+    with pytest.raises(ParamError, match="expected true or false") as caught:
+        UpscaleParams.from_strings({"downscaling": "maybe"})
+    assert caught.value.param == "downscaling"
+    with pytest.raises(ParamError) as caught:
+        UpscaleParams(downscaling=1)
+    assert caught.value.param == "downscaling"
