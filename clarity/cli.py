@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"Model folder (default: {DEFAULT_WEIGHTS}, or $CLARITY_WEIGHTS).")
     upscale.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
     upscale.add_argument("--quality", type=int, default=None, help="Quality 0-100 for JPEG/WebP/AVIF outputs.")
+    upscale.add_argument("--mask", type=Path, default=None,
+                         help="Image marking what to keep unchanged: white (or opaque, if it has alpha) = keep.")
     _add_param_options(upscale)
 
     weights = commands.add_parser("weights", help="Manage model weights.")
@@ -116,7 +118,7 @@ def _upscale(args: argparse.Namespace) -> int:
         bar.set_description(f"pass {event.pass_index + 1}/{event.passes}")
         bar.update(round(event.fraction * 100) - bar.n)
 
-    result = upscaler.upscale(args.input, params, progress=on_progress)
+    result = upscaler.upscale(args.input, params, mask=args.mask, progress=on_progress)
     bar.close()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(encode_image(result.image, output_format, args.quality))

@@ -49,3 +49,14 @@ def test_weights_tiny_writes_a_loadable_model(tmp_path):
     assert main(["weights", "tiny", str(tmp_path / "tiny")]) == 0
     assert (tmp_path / "tiny" / "controlnet" / "config.json").exists()
     assert (tmp_path / "tiny" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_mask_option_keeps_the_white_area(tiny_weights, tmp_path):
+    source, mask, target = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    image = make_test_image(24, 16)
+    image.save(source)
+    Image.new("L", (24, 16), 255).save(mask)
+    assert main(["upscale", str(source), "-o", str(target), "--weights", str(tiny_weights),
+                 "--mask", str(mask), "--steps", "4", "--creativity", "0.5"]) == 0
+    with Image.open(target) as result:
+        assert result.tobytes() == image.resize((48, 32), Image.Resampling.LANCZOS).tobytes()

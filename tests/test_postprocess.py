@@ -96,3 +96,36 @@ def test_switch_rejects_other_values():
     with pytest.raises(ParamError) as caught:
         UpscaleParams(downscaling=1)
     assert caught.value.param == "downscaling"
+
+
+def _half_mask(size: tuple[int, int]) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (0, 0, size[0] // 2, size[1]))  # keep the left half
+    return mask
+
+
+def test_masked_pixels_equal_the_original(upscaler):
+    image = make_test_image(64, 32)
+    pre_upscaled = np.asarray(image.resize((128, 64), Image.Resampling.LANCZOS), dtype=np.int16)
+    result = np.asarray(upscaler.upscale(image, mask=_half_mask((64, 32)), **FAST).image, dtype=np.int16)
+    # Away from the softened edge (blur radius 5 around column 64), left is kept, right is new.
+    assert np.array_equal(result[:, :48], pre_upscaled[:, :48])
+    assert np.abs(result[:, 80:] - pre_upscaled[:, 80:]).mean() > 1
+
+
+def test_mask_alpha_follows_openai_transparent_means_edit(upscaler):
+    image = make_test_image(64, 32)
+    rgba = Image.new("RGBA", (64, 32), (0, 0, 0, 0))
+    rgba.putalpha(_half_mask((64, 32)))  # opaque left half: keep; transparent right: edit
+    via_alpha = upscaler.upscale(image, mask=rgba, **FAST).image
+    via_white = upscaler.upscale(image, mask=_half_mask((64, 32)), **FAST).image
+    assert np.array_equal(np.asarray(via_alpha), np.asarray(via_white))
+
+
+def test_mask_of_another_shape_is_refused(upscaler):
+    with pytest.raises(ParamError, match="aspect ratio") as caught:
+        upscaler.upscale(make_test_image(64, 32), mask=Image.new("L", (32, 32), 255), **FAST)
+    assert caught.value.param == "mask"
+    with pytest.raises(ParamError) as caught:
+        upscaler.upscale(make_test_image(64, 32), mask=b"not an image", **FAST)
+    assert caught.value.param == "mask"

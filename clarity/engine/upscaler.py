@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from clarity.engine.pipeline import PassSettings, PassStats, TiledUpscalePipeline
 from clarity.engine.postprocess import color_fix, sharpen
@@ -162,6 +162,7 @@ class Upscaler:
         params: UpscaleParams | None = None,
         *,
         num_images: int = 1,
+        mask: ImageSource | None = None,
         progress: ProgressCallback | None = None,
         **overrides: Any,
     ) -> UpscaleResult:
@@ -169,7 +170,10 @@ class Upscaler:
 
         `overrides` change single fields of `params` (e.g. `creativity=0.5`). `num_images`
         variants use seeds seed, seed+1, ...; with `seed=None` a random seed is drawn and
-        reported in `stats.seeds`. Raises `ParamError` naming the field for invalid input.
+        reported in `stats.seeds`. `mask` (same aspect ratio as `image`) marks what to keep:
+        where it is white, or opaque if it has an alpha channel, the output is the plain
+        pre-upscaled input; elsewhere the upscale adds detail, with a soft edge between.
+        Raises `ParamError` naming the field for invalid input.
         """
         params = (params or UpscaleParams()).replace(**overrides) if overrides else (params or UpscaleParams())
         if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
@@ -184,14 +188,20 @@ class Upscaler:
                 f"the output would be {width}x{height} = {width * height / 1e6:.1f} MP; the limit here is"
                 f" {self.max_output_pixels / 1e6:.1f} MP (max_output_pixels)",
             )
+        keep = None
+        if mask is not None:
+            keep = keep_mask(load_image(mask, param="mask"), rgb.size, (width, height))
+            original = self.pre_upscaler(rgb, (width, height))
         base_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         stats = UpscaleStats(model=self.name, tiny_model=self.tiny_model, device=str(self.device))
         images = []
         for variant in range(num_images):
             seed = base_seed + variant
             stats.seeds.append(seed)
-            result = self._upscale_rgb(rgb, params, seed, variant, num_images, progress, stats)
-            images.append(join_from_model(sharpen(result, params.sharpen), source))
+            result = sharpen(self._upscale_rgb(rgb, params, seed, variant, num_images, progress, stats), params.sharpen)
+            if keep is not None:
+                result = Image.composite(original, result, keep)
+            images.append(join_from_model(result, source))
         stats.seconds = time.perf_counter() - started
         return UpscaleResult(images=images, stats=stats)
 
@@ -257,6 +267,27 @@ class Upscaler:
             tile_batch_size=params.tile_batch_size,
             seed=seed,
         )
+
+
+#: Blur radius (output pixels) of the mask's edge, as in the original Clarity.
+MASK_BLUR_RADIUS = 5
+
+
+def keep_mask(mask: Image.Image, input_size: tuple[int, int], size: tuple[int, int]) -> Image.Image:
+    """The "keep the original" mask at output `size`, 0-255, its edge softened.
+
+    Alpha is the mask when there is one (OpenAI's convention: transparent = edit); otherwise
+    brightness is (the original Clarity's: white = keep).
+    """
+    mask_ratio, input_ratio = mask.width / mask.height, input_size[0] / input_size[1]
+    if abs(mask_ratio - input_ratio) / input_ratio > 0.01:
+        raise ParamError(
+            "mask", f"mask is {mask.width}x{mask.height} but the image is {input_size[0]}x{input_size[1]};"
+            " they must have the same aspect ratio",
+        )
+    has_alpha = mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info)
+    gray = mask.convert("RGBA").getchannel("A") if has_alpha else mask.convert("L")
+    return gray.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(MASK_BLUR_RADIUS))
 
 
 def shrink_to(image: Image.Image, longest_side: int) -> Image.Image:
