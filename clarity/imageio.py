@@ -9,6 +9,8 @@ afterwards (alpha, grayscale).
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -36,7 +38,10 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, 
     """Open and fully decode an image from a path, bytes, a binary file or a PIL image.
 
     Raises `ParamError(param, ...)` for anything that is not a usable image: unknown or
-    disallowed format, truncated data, zero size, or more than `max_pixels` pixels.
+    disallowed format, truncated or corrupt data, zero size, or more than `max_pixels` pixels
+    (read from the header, before any pixel is decoded; Pillow's own limit of ~179 MP applies
+    on top). Animated images give their first frame. A broken EXIF block is ignored rather
+    than refused: phones and editors write plenty of them.
     """
     if isinstance(source, Image.Image):
         image = source
@@ -49,11 +54,18 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, 
         elif isinstance(source, (bytes, bytearray)):
             source = io.BytesIO(source)
         try:
-            image = Image.open(source, formats=list(INPUT_FORMATS))
+            with warnings.catch_warnings():
+                # Pillow warns from ~89 MP; the size is checked against `max_pixels` below.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(source, formats=list(INPUT_FORMATS))
         except UnidentifiedImageError:
             raise ParamError(param, f"not a supported image; accepted formats: {', '.join(INPUT_FORMATS)}") from None
-        except Image.DecompressionBombError as error:
-            raise ParamError(param, str(error)) from None
+        except Image.DecompressionBombError:
+            limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+            raise ParamError(param, f"image is too large to decode safely; the limit is {limit:,} pixels") from None
+        except (OSError, SyntaxError, ValueError, struct.error, EOFError) as error:
+            # A header that starts like a known format and then breaks off or contradicts itself.
+            raise ParamError(param, f"image data is truncated or corrupt: {error}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise ParamError(param, f"image is empty ({width}x{height})")
@@ -61,10 +73,13 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, 
         raise ParamError(param, f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as error:
         raise ParamError(param, f"image data is truncated or corrupt: {error}") from None
     # Animated images: the first frame is the image (Image.open leaves frame 0 selected).
-    return ImageOps.exif_transpose(image)
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, struct.error, KeyError, TypeError, ZeroDivisionError):
+        return image
 
 
 @dataclass(frozen=True)
