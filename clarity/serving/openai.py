@@ -6,7 +6,8 @@
 
 - `image` (required): exactly one file. Lists (`image[]`) or several files are refused.
 - `model`: must be `clarity-upscaler` when given; any other name is a 404 `model_not_found`.
-- `prompt`: the engine's `prompt` (OpenAI requires it; an empty string is a valid prompt).
+- `prompt`: the engine's `prompt` (OpenAI requires it; an empty string is a valid prompt);
+  at most `MAX_PROMPT_CHARS` characters, as is `negative_prompt`.
 - `n`: 1-4 variants, using seeds seed, seed+1, ...
 - `size`: `WxH` sets the scale factor from the width when `scale_factor` is not given; its
   aspect ratio must match the input's within 1 %. `auto` or absent keeps the default scale.
@@ -47,6 +48,9 @@ MAX_VARIANTS = 4
 RESPONSE_FORMATS = ("url", "b64_json")
 #: Output formats by the names OpenAI uses (plus avif and gif, which Clarity adds).
 OUTPUT_FORMAT_NAMES: tuple[str, ...] = tuple(name for name in OUTPUT_FORMATS if name != "jpg")
+#: Longest `prompt` / `negative_prompt` accepted, in characters. The text encoder reads 77
+#: tokens, so this only bounds the work and memory a hostile request can cause.
+MAX_PROMPT_CHARS = 4000
 #: Largest relative difference between the requested and the input aspect ratio.
 SIZE_ASPECT_TOLERANCE = 0.01
 
@@ -88,6 +92,7 @@ ERROR_TYPES: dict[int, str] = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
     504: "server_error",
@@ -237,6 +242,10 @@ def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | No
         raise invalid("image", f"send one image per request; got {len(files)}")
     if not _is_file(files[0]):
         raise invalid("image", "image must be a file upload, not a text field")
+
+    for name in ("prompt", "negative_prompt"):
+        if len(fields.get(name, "")) > MAX_PROMPT_CHARS:
+            raise invalid(name, f"{name} is {len(fields[name]):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
 
     if "model" in fields and fields["model"] != MODEL_ID:
         raise model_not_found(fields["model"])
