@@ -11,19 +11,24 @@ then, with the official SDK, only `base_url` changes:
 Around LitServe's `/v1/images/edits` this adds what an OpenAI client expects: bearer-key auth
 (on every route but `/health`), a body size limit checked before the form is parsed, a 503
 while workers load, every error reshaped to `{"error": {...}}`, `GET /v1/models`, and the
-url-mode file route.
+url-mode file route. And what a shared server needs: a bounded queue (429 `queue_full` with
+`Retry-After` when full), a deadline on time spent queued (504 `queue_timeout`), crashed
+workers restarted with their running request answered 503 at once, and on SIGTERM a drain
+of accepted work before exiting.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import logging
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS
+from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.serving import openai
 from clarity.serving.files import DEFAULT_TTL_SECONDS, FILES_ROUTE, FileStore
 
@@ -43,6 +48,14 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_PAYLOAD_MB = 50
 #: Seconds a request may wait in the queue for a free worker before a 504.
 DEFAULT_QUEUE_TIMEOUT = 600
+#: Edit requests one HTTP process holds at once (reading, queued or running) before a 429.
+DEFAULT_MAX_QUEUE = 16
+#: Seconds a client is told to wait before retrying a full queue.
+QUEUE_FULL_RETRY_AFTER = 10
+#: Seconds SIGTERM waits for accepted requests to finish before the workers are stopped.
+DEFAULT_SHUTDOWN_TIMEOUT = 30
+#: Seconds between LitServe's checks for dead inference workers (its default is 2).
+WORKER_MONITOR_INTERVAL = 0.5
 #: Routes anyone may call: load balancers probe /health without credentials.
 OPEN_PATHS = frozenset({"/health"})
 
@@ -55,18 +68,28 @@ def _json_error(status: int, message: str, code: str | None = None, headers: dic
 
 
 class GuardMiddleware:
-    """Auth, body size limit and readiness, checked before any route or form parsing runs.
+    """Auth, body size limit, readiness and queue bound, checked before any route or form parsing.
 
     A plain ASGI middleware (not LitAPI.authorize, which LitServe also puts on /health).
+    `max_queue` bounds the edit requests this process holds at once, from the first byte of the
+    body to the answer, so a retry storm is refused before its uploads are buffered.
     """
 
     def __init__(
-        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, workers_ready: Callable[[], bool]
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        workers_ready: Callable[[], bool],
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.workers_ready = workers_ready
+        self.max_queue = max_queue
+        self.pending = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,6 +113,11 @@ class GuardMiddleware:
                 scope, receive, send
             )
             return
+        if path == openai.EDITS_PATH and self.pending >= self.max_queue:
+            message = f"The server is busy: {self.pending} requests are already queued or running; retry later."
+            headers = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}
+            await _json_error(429, message, code="queue_full", headers=headers)(scope, receive, send)
+            return
 
         received = 0
 
@@ -103,7 +131,15 @@ class GuardMiddleware:
                 raise HTTPException(413, detail=self._too_large_body())
             return message
 
-        await self.app(scope, limited_receive, send)
+        if path != openai.EDITS_PATH:
+            await self.app(scope, limited_receive, send)
+            return
+        # Single-threaded event loop: the check above and this increment cannot interleave.
+        self.pending += 1
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.pending -= 1
 
     def _check_key(self, authorization: bytes | None) -> str | None:
         """None if the bearer key is right, else the message to send (which never echoes the key)."""
@@ -136,6 +172,10 @@ async def _http_exception_handler(request: Request, error: StarletteHTTPExceptio
             message = f"Unknown route {request.method} {request.url.path}."
         body = openai.error_body(error.status_code, message)
     headers = dict(error.headers or {})
+    if error.status_code == 504 and not isinstance(detail, dict):
+        # LitServe's own check, made when a worker takes an expired request off the queue.
+        body = openai.error_body(504, "The request waited too long for a free worker; retry later.",
+                                 code="queue_timeout")
     if error.status_code >= 500:
         # The SDK retries 5xx twice; an upscale that failed will fail again, a full queue may not.
         headers.update({"Retry-After": "5"} if error.status_code in (503, 504) else {"x-should-retry": "false"})
@@ -169,40 +209,74 @@ def build_server(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_MB * 1_000_000,
     file_ttl_seconds: float = DEFAULT_TTL_SECONDS,
     timeout: float = DEFAULT_QUEUE_TIMEOUT,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
     max_output_pixels: int | None = None,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> Any:
     """A ready-to-run `litserve.LitServer` for the upscaler in `weights`.
 
     `public_url` is the base URL clients reach this server at; url-mode results are returned
     as `{public_url}/v1/files/<token>.<ext>` and kept in `output_dir` (a new temporary folder
-    by default) for `file_ttl_seconds`.
+    by default) for `file_ttl_seconds`. A request waits at most `timeout` seconds for a worker
+    to start it; each HTTP process holds at most `max_queue` edit requests; on shutdown,
+    accepted requests get `shutdown_timeout` seconds to finish.
     """
     # Imported here so that `clarity --help` does not pay for the web stack.
-    import litserve as ls
+    from litserve.utils import WorkerSetupStatus
 
     from clarity.serving.api import UpscaleAPI
+    from clarity.serving.supervision import RequestWatchdog, SupervisedLitServer, TrackedBuffer
 
     output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
     limits = {"max_output_pixels": max_output_pixels} if max_output_pixels else {}
-    api = UpscaleAPI(weights, output_dir, public_url, file_ttl_seconds, **limits)
-    server = ls.LitServer(
+    api = UpscaleAPI(weights, output_dir, public_url, file_ttl_seconds, max_input_pixels=max_input_pixels, **limits)
+    server = SupervisedLitServer(
         api,
         accelerator=accelerator,
         devices=devices,
         workers_per_device=workers_per_device,
-        timeout=timeout,
+        timeout=timeout,  # also checked by the worker, so an expired request is never run
         max_payload_size=max_payload_bytes,
         model_metadata={"model": openai.MODEL_ID, "weights": str(weights)},
+        restart_workers=True,
     )
+    server.monitor_internal = WORKER_MONITOR_INTERVAL
+    server.uvicorn_graceful_timeout = shutdown_timeout
+    # Replaced before the HTTP processes fork from this one: each gets its own, tracked copy.
+    server.response_buffer = TrackedBuffer()
     app = server.app
 
+    def worker_status() -> dict[str, str]:
+        status = getattr(server, "workers_setup_status", None)  # a manager dict, made by run()
+        return status.copy() if status is not None else {}
+
     def workers_ready() -> bool:
-        status = getattr(server, "workers_setup_status", None)
-        return bool(status) and all(value == ls.server.WorkerSetupStatus.READY for value in status.values())
+        # One ready worker is enough to queue for; the others may be restarting.
+        return any(value == WorkerSetupStatus.READY for value in worker_status().values())
+
+    endpoint = openai.EDITS_PATH.rsplit("/", 1)[-1]  # LitServe keys worker statuses by it
+    watchdog = RequestWatchdog(server.response_buffer, timeout, worker_status, endpoint)
+    litserve_lifespan = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[None]:
+        async with litserve_lifespan(app_):
+            task = asyncio.create_task(watchdog.run(), name="clarity-request-watchdog")
+            try:
+                yield
+            finally:
+                task.cancel()
+
+    app.router.lifespan_context = lifespan
 
     # Added after LitServe's own middleware, so it runs first (outermost).
     app.add_middleware(
-        GuardMiddleware, api_key=api_key, max_body_bytes=max_payload_bytes, workers_ready=workers_ready
+        GuardMiddleware,
+        api_key=api_key,
+        max_body_bytes=max_payload_bytes,
+        workers_ready=workers_ready,
+        max_queue=max_queue,
     )
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
@@ -259,6 +333,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     default_mp = DEFAULT_MAX_OUTPUT_PIXELS / 1e6
     parser.add_argument("--max-output-mp", type=float, default=None,
                         help=f"Largest output accepted, in megapixels (default: {default_mp:.1f}).")
+    parser.add_argument("--max-input-mp", type=float, default=DEFAULT_MAX_INPUT_PIXELS / 1e6,
+                        help="Largest input accepted, in megapixels, checked from the file's header before"
+                             f" decoding (default: {DEFAULT_MAX_INPUT_PIXELS / 1e6:g}).")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="Edit requests held at once (queued or running) per HTTP process before answering"
+                             f" 429 queue_full (default: {DEFAULT_MAX_QUEUE}).")
+    parser.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT,
+                        help="Seconds a request may wait for a free worker before a 504 queue_timeout"
+                             f" (default: {DEFAULT_QUEUE_TIMEOUT}).")
+    parser.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                        help="On SIGTERM, seconds accepted requests get to finish before the workers stop"
+                             f" (default: {DEFAULT_SHUTDOWN_TIMEOUT}).")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -283,14 +369,20 @@ def serve(args: argparse.Namespace) -> int:
         devices=devices,
         workers_per_device=args.workers_per_device,
         max_payload_bytes=int(args.max_payload_mb * 1_000_000),
+        timeout=args.queue_timeout,
+        max_queue=args.max_queue,
+        max_input_pixels=int(args.max_input_mp * 1_000_000),
         max_output_pixels=int(args.max_output_mp * 1_000_000) if args.max_output_mp else None,
+        shutdown_timeout=args.shutdown_timeout,
     )
     if (args.weights / TINY_MARKER).exists():
         logger.warning("serving the tiny test model in %s: outputs have no meaningful detail", args.weights)
     if not api_key:
         logger.warning("no API key set (--api-key or CLARITY_API_KEY): anyone who can reach the port can use it")
     # LitServe shuts its workers down on KeyboardInterrupt only; a plain SIGTERM (docker stop,
-    # Kubernetes) would leave the inference workers running as orphans.
+    # Kubernetes) would leave the inference workers running as orphans. Its shutdown then
+    # sends SIGTERM to the HTTP process, where uvicorn stops listening and waits for the
+    # accepted requests (the workers still run them) before the workers are stopped.
     main_pid = os.getpid()
 
     def on_sigterm(signum: int, frame: object) -> None:
