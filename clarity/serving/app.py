@@ -67,6 +67,11 @@ def _json_error(status: int, message: str, code: str | None = None, headers: dic
     return JSONResponse(openai.error_body(status, message, code=code), status_code=status, headers=headers)
 
 
+def _is_multipart(content_type: str) -> bool:
+    kind, _, parameters = content_type.partition(";")
+    return kind.strip() == "multipart/form-data" and "boundary=" in parameters
+
+
 class GuardMiddleware:
     """Auth, body size limit, readiness and queue bound, checked before any route or form parsing.
 
@@ -112,6 +117,14 @@ class GuardMiddleware:
             await _json_error(503, "The model is still loading; retry shortly.", headers={"Retry-After": "5"})(
                 scope, receive, send
             )
+            return
+        content_type = headers.get("content-type", b"").decode("latin-1").lower()
+        if path == openai.EDITS_PATH and not _is_multipart(content_type):
+            # LitServe would hand a JSON body to decode_request as a dict (a 500), and an image
+            # cannot travel in a urlencoded form anyway.
+            message = "Send the request as multipart/form-data (with a boundary) and the image as a file,"
+            message += " as the OpenAI SDKs do."
+            await _json_error(400, message, code="invalid_content_type")(scope, receive, send)
             return
         if path == openai.EDITS_PATH and self.pending >= self.max_queue:
             message = f"The server is busy: {self.pending} requests are already queued or running; retry later."
@@ -172,6 +185,11 @@ async def _http_exception_handler(request: Request, error: StarletteHTTPExceptio
             message = f"Unknown route {request.method} {request.url.path}."
         body = openai.error_body(error.status_code, message)
     headers = dict(error.headers or {})
+    cause = error.__cause__
+    if error.status_code == 500 and isinstance(cause, StarletteHTTPException) and cause.status_code < 500:
+        # Starlette's 400 for a malformed multipart body, which LitServe (expecting FastAPI's
+        # subclass) turned into a 500.
+        return await _http_exception_handler(request, cause)
     if error.status_code == 504 and not isinstance(detail, dict):
         # LitServe's own check, made when a worker takes an expired request off the queue.
         body = openai.error_body(504, "The request waited too long for a free worker; retry later.",
@@ -281,6 +299,15 @@ def build_server(
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(Exception, _unhandled_handler)
+
+    litserve_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = litserve_openapi()  # built once and cached by FastAPI; patching it is idempotent
+        schema["paths"][openai.EDITS_PATH]["post"]["requestBody"] = openai.edit_form_schema()
+        return schema
+
+    app.openapi = openapi
 
     files = FileStore(output_dir, file_ttl_seconds)
 

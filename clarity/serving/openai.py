@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from PIL import Image
 
@@ -80,6 +80,43 @@ _IMAGE_FIELDS = ("image", "image[]")
 def known_fields() -> list[str]:
     """Every form field name the edits endpoint accepts: OpenAI's, then the engine's."""
     return [*OPENAI_FIELDS, *(f.name for f in param_fields() if f.name not in OPENAI_FIELDS)]
+
+
+def edit_form_schema() -> dict[str, Any]:
+    """The OpenAPI `requestBody` of the edits endpoint: every accepted field, with its limits.
+
+    LitServe's route takes a raw request, so without this `/docs` and schema-driven clients
+    would see no fields at all.
+    """
+    properties: dict[str, Any] = {
+        name: {"type": "string", "description": meaning} for name, meaning in OPENAI_FIELDS.items()
+    }
+    properties["image"] = {"type": "string", "format": "binary", "description": OPENAI_FIELDS["image"]}
+    properties["mask"] = {"type": "string", "format": "binary", "description": OPENAI_FIELDS["mask"]}
+    properties["prompt"]["maxLength"] = MAX_PROMPT_CHARS
+    properties["n"] = {"type": "integer", "minimum": 1, "maximum": MAX_VARIANTS, "description": OPENAI_FIELDS["n"]}
+    properties["response_format"]["enum"] = list(RESPONSE_FORMATS)
+    properties["output_format"]["enum"] = list(OUTPUT_FORMAT_NAMES)
+    properties["output_compression"] = {"type": "integer", "minimum": 0, "maximum": 100,
+                                        "description": OPENAI_FIELDS["output_compression"]}
+    hints = get_type_hints(UpscaleParams)
+    for f in param_fields():
+        if f.name in OPENAI_FIELDS:
+            continue
+        hint = hints[f.name]
+        json_type = "integer" if int in (hint, *get_args(hint)) else "number" if hint is float else "string"
+        entry: dict[str, Any] = {"type": json_type, "description": f.metadata["help"]}
+        if f.metadata.get("min") is not None:
+            entry["minimum"] = f.metadata["min"]
+        if f.metadata.get("max") is not None:
+            entry["maximum"] = f.metadata["max"]
+        if f.metadata.get("choices"):
+            entry["enum"] = list(f.metadata["choices"])
+        if json_type == "string" and f.name.endswith("prompt"):
+            entry["maxLength"] = MAX_PROMPT_CHARS
+        properties[f.name] = entry
+    schema = {"type": "object", "properties": properties, "required": ["image"]}
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
 
 
 # --- errors --------------------------------------------------------------------------------------
