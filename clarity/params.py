@@ -88,6 +88,10 @@ class UpscaleParams:
     tiling_height: int = _param(144, "Largest tile height in latent pixels (x8 = image pixels).", min=16, max=256)
     tile_overlap: int = _param(8, "Least overlap between neighbouring tiles, in latent pixels.", min=4, max=64)
     tile_batch_size: int = _param(8, "Tiles sent through the UNet and ControlNet in one call.", min=1, max=64)
+    vae_tile_size: int = _param(
+        1024, "Largest VAE tile side in pixels (a multiple of 64); larger images are encoded and decoded in"
+        " tiles, so memory follows this size, not the image's.", min=128, max=8192,
+    )
     multistep_factor: float = _param(
         0.8, "Each chained pass after the first multiplies creativity by this.", min=0.0, max=2.0
     )
@@ -110,6 +114,8 @@ class UpscaleParams:
         for f in fields(self):
             value = getattr(self, f.name)
             object.__setattr__(self, f.name, _check_field(f, hints[f.name], value))
+        if self.vae_tile_size % 64:
+            raise ParamError("vae_tile_size", f"must be a multiple of 64, got {self.vae_tile_size}")
         if self.tile_overlap * 2 > min(self.tiling_width, self.tiling_height):
             raise ParamError(
                 "tile_overlap",

@@ -64,9 +64,12 @@ def test_creativity_adds_detail_that_grows_with_strength(upscaler, image):
 
 
 def test_resemblance_and_dynamic_change_the_output(upscaler, image):
-    reference = pixels(upscaler.upscale(image, **FAST).image)
-    assert np.abs(pixels(upscaler.upscale(image, resemblance=2.5, **FAST).image) - reference).mean() > 0.5
-    assert np.abs(pixels(upscaler.upscale(image, dynamic=12, **FAST).image) - reference).mean() > 0.5
+    # Outputs are deterministic, so any difference beyond rounding is the parameter's effect;
+    # the colour fix is off so that it cannot mask one.
+    plain = {"color_fix": "none", **FAST}
+    reference = pixels(upscaler.upscale(image, **plain).image)
+    assert np.abs(pixels(upscaler.upscale(image, resemblance=2.5, **plain).image) - reference).mean() > 0.1
+    assert np.abs(pixels(upscaler.upscale(image, dynamic=12, **plain).image) - reference).mean() > 0.1
 
 
 def test_variants_use_consecutive_seeds(upscaler, image):
@@ -163,8 +166,8 @@ def test_controlnet_decay_weights_deep_residuals_most(upscaler, image):
 
     scales = residual_scales(13, 0.6, 0.825)
     assert scales[-1] == pytest.approx(0.6) and scales[0] == pytest.approx(0.6 * 0.825**12)
-    uniform = pixels(upscaler.upscale(image, controlnet_decay=1.0, **FAST).image)
-    decayed = pixels(upscaler.upscale(image, **FAST).image)
+    uniform = pixels(upscaler.upscale(image, controlnet_decay=1.0, color_fix="none", **FAST).image)
+    decayed = pixels(upscaler.upscale(image, color_fix="none", **FAST).image)
     assert np.abs(uniform - decayed).mean() > 0.1
 
 

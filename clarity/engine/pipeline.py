@@ -45,6 +45,7 @@ class PassSettings:
     min_tile_overlap: int
     tile_batch_size: int
     seed: int
+    vae_tile_size: int | None = None
 
 
 @dataclass
@@ -62,6 +63,7 @@ class PassStats:
     latent_size: tuple[int, int] = (0, 0)
     latent_area_ratio: float = 0.0
     unet_evaluations: int = 0
+    vae_tiles: int = 1
     prompt_truncated: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -130,7 +132,7 @@ class TiledUpscalePipeline:
         started = time.perf_counter()
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         padded = pad_to_multiple(image, vae_ops.VAE_SCALE)
-        latents = self.prepare_latents(padded, scheduler, timesteps[:1], generator)
+        latents = self.prepare_latents(padded, scheduler, timesteps[:1], generator, settings.vae_tile_size)
         control_image = padded.to(device=self.device, dtype=self.controlnet.dtype)
         stats.seconds["vae_encode"] = time.perf_counter() - started
 
@@ -163,7 +165,8 @@ class TiledUpscalePipeline:
 
         # 7. Decode, and crop the padding away.
         started = time.perf_counter()
-        result = vae_ops.decode(self.vae, latents)[..., :height, :width].cpu()
+        result = vae_ops.decode(self.vae, latents, settings.vae_tile_size)[..., :height, :width].cpu()
+        stats.vae_tiles = vae_ops.tile_count(latents.shape[-2], latents.shape[-1], settings.vae_tile_size)
         stats.seconds["vae_decode"] = time.perf_counter() - started
         return result, stats
 
@@ -197,10 +200,16 @@ class TiledUpscalePipeline:
         return embeds.to(dtype=self.unet.dtype, device=self.device), truncated
 
     def prepare_latents(
-        self, image: torch.Tensor, scheduler, first_timestep: torch.Tensor, generator: torch.Generator
+        self,
+        image: torch.Tensor,
+        scheduler,
+        first_timestep: torch.Tensor,
+        generator: torch.Generator,
+        vae_tile_size: int | None = None,
     ) -> torch.Tensor:
         """Encode `image` and add noise for `first_timestep`, drawing from `generator` like diffusers."""
-        latents = vae_ops.encode(self.vae, image, generator).to(device=self.device, dtype=self.unet.dtype)
+        latents = vae_ops.encode(self.vae, image, generator, vae_tile_size)
+        latents = latents.to(device=self.device, dtype=self.unet.dtype)
         noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
         return scheduler.add_noise(latents, noise, first_timestep.repeat(latents.shape[0]))
 

@@ -266,6 +266,7 @@ class Upscaler:
             min_tile_overlap=params.tile_overlap,
             tile_batch_size=params.tile_batch_size,
             seed=seed,
+            vae_tile_size=params.vae_tile_size,
         )
 
 

@@ -1,29 +1,195 @@
-"""Moving between pixels and SD latents with the VAE.
+"""Moving between pixels and SD latents with the VAE, in tiles when the image is large.
 
-Whole-image encode/decode for now: memory grows with the image. Tiled encode/decode with
-whole-image GroupNorm statistics is the next step (issue "Faithful output at any size").
+Tiling alone is not enough: every GroupNorm in the VAE normalises with the mean and variance
+of whatever it sees, so tiles normalised on their own statistics come out in different tones
+(diffusers' `enable_tiling` has exactly this flaw). Here the statistics are measured once, on
+a copy of the whole image shrunk to one tile and matched to the full image's per-channel mean
+and standard deviation, and then every tile is normalised with those same numbers. Tiles
+overlap and are cross-faded, so there is no seam, and peak memory follows the tile size.
+Images that fit in one tile take the exact, untiled path.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from clarity.engine.tiling import Tile, TilePlan, plan_tiles, tile_weight
 
 #: Pixels per latent pixel along each axis for SD-family VAEs.
 VAE_SCALE = 8
+#: Latent pixels of context each tile sees beyond its own area, cropped after the forward:
+#: the convolutions' reach. (Mid-block attention still sees only its tile; the cross-fade and
+#: the shared GroupNorm statistics keep that difference small.) A1111's Tiled VAE uses
+#: 11 for the decoder and 32 px = 4 for the encoder.
+DECODER_CONTEXT = 8
+ENCODER_CONTEXT = 4
+#: Latent pixels over which neighbouring tiles cross-fade.
+BLEND_OVERLAP = 4
 
 
-def encode(vae: AutoencoderKL, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Latents of `image` (N, 3, H, W in [0, 1], H and W multiples of 8), scaled for the UNet.
+class GroupNormStatistics:
+    """Record the per-group mean and variance every GroupNorm of `module` sees, then replay them.
 
-    Samples the VAE's posterior with `generator`, as diffusers' img2img pipelines do, so that
-    a run can be compared with theirs number for number.
+    Each GroupNorm of an SD VAE encoder or decoder runs once per forward, so one recorded
+    forward gives one statistic per layer.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.layers = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self.stats: dict[torch.nn.GroupNorm, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        def record(layer: torch.nn.GroupNorm, args: tuple[torch.Tensor, ...]) -> None:
+            groups = args[0].float().reshape(args[0].shape[0], layer.num_groups, -1)
+            self.stats[layer] = (groups.mean(-1), groups.var(-1, unbiased=False))
+
+        handles = [layer.register_forward_pre_hook(record) for layer in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Within this block the GroupNorms use the recorded statistics instead of their input's."""
+        missing = [layer for layer in self.layers if layer not in self.stats]
+        if missing:
+            raise RuntimeError(f"{len(missing)} GroupNorm layers have no recorded statistics")
+        for layer in self.layers:
+            layer.forward = partial(_group_norm_with, layer, *self.stats[layer])
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward  # back to the class's own forward
+
+
+def _group_norm_with(layer: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    groups = x.float().reshape(shape[0], layer.num_groups, -1)
+    normalised = ((groups - mean[..., None]) * torch.rsqrt(var[..., None] + layer.eps)).reshape(shape)
+    if layer.affine:
+        broadcast = (1, -1) + (1,) * (len(shape) - 2)
+        normalised = normalised * layer.weight.float().view(broadcast) + layer.bias.float().view(broadcast)
+    return normalised.to(x.dtype)
+
+
+def encode(
+    vae: AutoencoderKL, image: torch.Tensor, generator: torch.Generator, tile_size: int | None = None
+) -> torch.Tensor:
+    """Latents of `image` (1, 3, H, W in [0, 1], H and W multiples of 8), scaled for the UNet.
+
+    Tiles of at most `tile_size` pixels when the image is larger (None: never tile). Samples
+    the VAE's posterior with `generator` over the whole latent, as diffusers' img2img does, so
+    an untiled run can be compared with theirs number for number.
     """
     pixels = (image * 2 - 1).to(device=vae.device, dtype=vae.dtype)
-    return vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+
+    def moments(x: torch.Tensor) -> torch.Tensor:
+        encoded = vae.encoder(x)
+        return vae.quant_conv(encoded) if vae.quant_conv is not None else encoded
+
+    if tile_size is None or max(pixels.shape[-2:]) <= tile_size:
+        stacked = moments(pixels)
+    else:
+        statistics = GroupNormStatistics(vae.encoder)
+        with statistics.recording():
+            moments(_matched_miniature(pixels, tile_size))
+        plan = _plan(pixels.shape[-2] // VAE_SCALE, pixels.shape[-1] // VAE_SCALE, tile_size // VAE_SCALE)
+        with statistics.frozen():
+            stacked = _blend_tiles(
+                plan, lambda tile: _with_context(moments, pixels, tile, ENCODER_CONTEXT, VAE_SCALE, 1), 1
+            )
+    posterior = DiagonalGaussianDistribution(stacked)
+    return posterior.sample(generator) * vae.config.scaling_factor
 
 
-def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Pixels (N, 3, 8h, 8w in [0, 1], float32) of UNet-scaled `latents`."""
-    pixels = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
+def decode(vae: AutoencoderKL, latents: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+    """Pixels (1, 3, 8h, 8w in [0, 1], float32) of UNet-scaled `latents`, tiled above `tile_size` pixels."""
+    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)
+    latent_tile = None if tile_size is None else tile_size // VAE_SCALE
+    if latent_tile is None or max(z.shape[-2:]) <= latent_tile:
+        pixels = vae.decoder(z)
+    else:
+        statistics = GroupNormStatistics(vae.decoder)
+        with statistics.recording():
+            vae.decoder(_matched_miniature(z, latent_tile))
+        plan = _plan(z.shape[-2], z.shape[-1], latent_tile)
+        with statistics.frozen():
+            pixels = _blend_tiles(
+                plan, lambda tile: _with_context(vae.decoder, z, tile, DECODER_CONTEXT, 1, VAE_SCALE), VAE_SCALE
+            )
     return (pixels.float() / 2 + 0.5).clamp(0, 1)
+
+
+def tile_count(latent_height: int, latent_width: int, tile_size: int | None) -> int:
+    """How many tiles `decode` uses for a latent of this size (1 = the exact, untiled path)."""
+    latent_tile = None if tile_size is None else tile_size // VAE_SCALE
+    if latent_tile is None or max(latent_height, latent_width) <= latent_tile:
+        return 1
+    return len(_plan(latent_height, latent_width, latent_tile).tiles)
+
+
+def _plan(height: int, width: int, latent_tile: int) -> TilePlan:
+    # The context margin already hides what border padding does to the convolutions; the
+    # overlap only has to be wide enough for a smooth cross-fade.
+    return plan_tiles(height, width, latent_tile, latent_tile, BLEND_OVERLAP)
+
+
+def _with_context(
+    run: Callable, x: torch.Tensor, tile: Tile, context: int, in_scale: int, out_scale: int
+) -> torch.Tensor:
+    """`run` on `tile` of `x` widened by `context` latent pixels (within the image), then cropped back.
+
+    `x` is `in_scale` times the latent's size and `run`'s output `out_scale` times.
+    """
+    height, width = x.shape[-2] // in_scale, x.shape[-1] // in_scale
+    top, left = max(0, tile.top - context), max(0, tile.left - context)
+    bottom, right = min(height, tile.top + tile.height + context), min(width, tile.left + tile.width + context)
+    output = run(x[..., top * in_scale:bottom * in_scale, left * in_scale:right * in_scale])
+    row, col = (tile.top - top) * out_scale, (tile.left - left) * out_scale
+    return output[..., row:row + tile.height * out_scale, col:col + tile.width * out_scale]
+
+
+def _blend_tiles(plan: TilePlan, run: Callable, scale: int) -> torch.Tensor:
+    """Run `run(tile)` on each latent tile of `plan` and cross-fade the outputs (`scale` x the tile's size)."""
+    output: torch.Tensor | None = None
+    total = torch.zeros(plan.height * scale, plan.width * scale)
+    for tile in plan.tiles:
+        result = run(tile).float().cpu()
+        if output is None:
+            output = torch.zeros(1, result.shape[1], plan.height * scale, plan.width * scale)
+        weight = tile_weight(tile, plan)
+        if scale > 1:
+            weight = F.interpolate(weight[None, None], scale_factor=scale, mode="bilinear", align_corners=False)[0, 0]
+        region = tile.pixel_slice(scale)
+        output[(..., *region)] += result * weight
+        total[region] += weight
+    assert output is not None
+    return output / total
+
+
+def _matched_miniature(x: torch.Tensor, max_side: int) -> torch.Tensor:
+    """`x` shrunk to fit in `max_side`, with each channel's mean and std matched to the full `x`.
+
+    Shrinking smooths the content and lowers its variance; matching the first moments keeps
+    the statistics the VAE measures on the copy close to those of the whole image.
+    """
+    factor = max(x.shape[-2:]) / max_side
+    size = (max(1, math.ceil(x.shape[-2] / factor)), max(1, math.ceil(x.shape[-1] / factor)))
+    small = F.interpolate(x.float(), size=size, mode="area")
+    full_mean, full_std = x.float().mean((-2, -1), keepdim=True), x.float().std((-2, -1), keepdim=True)
+    small_mean, small_std = small.mean((-2, -1), keepdim=True), small.std((-2, -1), keepdim=True)
+    return ((small - small_mean) / (small_std + 1e-6) * full_std + full_mean).to(x.dtype)

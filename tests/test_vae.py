@@ -1,0 +1,137 @@
+"""Tiled VAE: matches the untiled VAE, has no tone steps at tile borders, and bounds memory.
+
+These run on the tiny model's VAE, which is trained (see clarity/models/train_tiny_vae.py):
+a random VAE is no autoencoder, and tiling statements about it would mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAST, make_test_image
+
+from clarity.engine import vae as vae_ops
+from clarity.engine.upscaler import pil_to_tensor
+
+#: Mean absolute difference (0-1 pixel scale) allowed between tiled and untiled decoding. What
+#: remains is mid-block attention seeing one tile instead of the image, and GroupNorm
+#: statistics estimated on a shrunk copy rather than measured on the full image.
+TILED_DECODE_TOLERANCE = 0.03
+
+
+@pytest.fixture(scope="module")
+def vae(upscaler):
+    return upscaler.pipeline.vae
+
+
+@pytest.fixture(scope="module")
+def photo_latents(vae):
+    image = pil_to_tensor(make_test_image(512, 384))
+    with torch.no_grad():
+        return vae_ops.encode(vae, image, torch.Generator().manual_seed(0))
+
+
+def _low_frequencies(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 32)
+
+
+@torch.no_grad()
+def test_images_that_fit_one_tile_take_the_exact_path(vae):
+    image = pil_to_tensor(make_test_image(128, 96))
+    untiled = vae_ops.encode(vae, image, torch.Generator().manual_seed(1))
+    tiled = vae_ops.encode(vae, image, torch.Generator().manual_seed(1), tile_size=128)
+    assert torch.equal(untiled, tiled)
+    assert torch.equal(vae_ops.decode(vae, untiled), vae_ops.decode(vae, untiled, tile_size=128))
+
+
+@torch.no_grad()
+def test_tiled_decode_matches_untiled(vae, photo_latents):
+    untiled = vae_ops.decode(vae, photo_latents)
+    tiled = vae_ops.decode(vae, photo_latents, tile_size=128)  # 5 x 4 tiles of 16 latent px
+    assert vae_ops.tile_count(*photo_latents.shape[-2:], 128) == 20
+    assert (tiled - untiled).abs().mean() < TILED_DECODE_TOLERANCE
+
+
+@torch.no_grad()
+def test_shared_statistics_beat_per_tile_group_norm(vae, photo_latents):
+    # diffusers' own tiling normalises each tile by its own statistics: tone shifts per tile.
+    untiled = vae_ops.decode(vae, photo_latents)
+    ours = vae_ops.decode(vae, photo_latents, tile_size=128)
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 128, 16
+    try:
+        per_tile = (vae.decode(photo_latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    finally:
+        vae.disable_tiling()
+    ours_tone_error = (_low_frequencies(ours) - _low_frequencies(untiled)).abs().mean()
+    per_tile_tone_error = (_low_frequencies(per_tile) - _low_frequencies(untiled)).abs().mean()
+    assert ours_tone_error < 0.7 * per_tile_tone_error
+
+
+@torch.no_grad()
+def test_no_tone_step_at_tile_borders(vae):
+    # A smooth horizontal gradient: any tone shift between tiles shows as a jump in the
+    # column means where tiles meet.
+    gradient = torch.linspace(0.2, 0.8, 512)[None, None, None, :].expand(1, 3, 256, 512).contiguous()
+    latents = vae_ops.encode(vae, gradient, torch.Generator().manual_seed(0))
+    decoded = vae_ops.decode(vae, latents, tile_size=128)
+    steps = decoded.mean((0, 1, 2)).diff().abs()
+    borders = torch.zeros_like(steps, dtype=torch.bool)
+    lefts = {tile.left for tile in vae_ops._plan(latents.shape[-2], latents.shape[-1], 16).tiles} - {0}
+    for left in lefts:
+        start = left * vae_ops.VAE_SCALE
+        borders[start - 2:start + vae_ops.BLEND_OVERLAP * vae_ops.VAE_SCALE + 2] = True
+    # The VAE's own image edges (first and last 8 px) step more than anything else; leave them out.
+    borders, steps = borders[8:-8], steps[8:-8]
+    assert steps[borders].max() <= steps[~borders].max() * 1.5
+
+
+@torch.no_grad()
+def test_tiled_encode_matches_untiled(vae):
+    image = pil_to_tensor(make_test_image(512, 384))
+    untiled = vae_ops.encode(vae, image, torch.Generator().manual_seed(0))
+    tiled = vae_ops.encode(vae, image, torch.Generator().manual_seed(0), tile_size=128)
+    assert (tiled - untiled).abs().mean() < 0.1 * untiled.std()
+
+
+def test_engine_tiles_the_vae_above_the_tile_size(upscaler):
+    result = upscaler.upscale(make_test_image(96, 72), vae_tile_size=128, **FAST)
+    assert result.image.size == (192, 144)
+    assert result.stats.passes[0].vae_tiles == 4
+
+
+_PEAK_RSS_SCRIPT = """
+import json, resource, sys, torch
+from clarity.models.loading import load_components
+from clarity.engine import vae as vae_ops
+vae = load_components(sys.argv[1], device="cpu").vae
+tile = None if sys.argv[2] == "none" else int(sys.argv[2])
+latents = torch.randn(1, 4, 320, 320)  # a 2560 x 2560 px (6.6 MP) output
+with torch.no_grad():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    vae_ops.decode(vae, latents, tile)
+print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _decode_peak_mb(weights, tile: str) -> float:
+    output = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(weights), tile],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    rss = json.loads(output.stdout.strip().splitlines()[-1])
+    return (rss["peak"] - rss["before"]) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def test_tiled_decode_bounds_peak_memory(tiny_weights):
+    untiled = _decode_peak_mb(tiny_weights, "none")
+    tiled = _decode_peak_mb(tiny_weights, "512")
+    # The output itself (2560^2 x 3 float32 = 79 MB, plus its blend weights) is unavoidable;
+    # the activations of a whole-image decode are not.
+    assert tiled < 400, f"tiled decode grew RSS by {tiled:.0f} MB"
+    assert tiled < untiled / 2.5, f"tiled {tiled:.0f} MB vs untiled {untiled:.0f} MB"
