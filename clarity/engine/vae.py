@@ -65,13 +65,19 @@ class GroupNormStatistics:
         missing = [layer for layer in self.layers if layer not in self.stats]
         if missing:
             raise RuntimeError(f"{len(missing)} GroupNorm layers have no recorded statistics")
+        # Hooks such as accelerate's offloading may already have replaced a forward: restore
+        # exactly what was there.
+        previous = {layer: layer.__dict__.get("forward") for layer in self.layers}
         for layer in self.layers:
             layer.forward = partial(_group_norm_with, layer, *self.stats[layer])
         try:
             yield
         finally:
-            for layer in self.layers:
-                del layer.forward  # back to the class's own forward
+            for layer, forward in previous.items():
+                if forward is None:
+                    del layer.forward  # back to the class's own forward
+                else:
+                    layer.forward = forward
 
 
 def _group_norm_with(layer: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
