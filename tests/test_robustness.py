@@ -533,10 +533,14 @@ def test_sigterm_drains_the_running_request_then_exits(served):
     slow, slow_result = in_background(lambda: post_edit(served.http, png(128, 128), **SLOW))
     time.sleep(1.0)
     served.process.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    with pytest.raises(httpx.ConnectError):  # refused at once (not left hanging) while draining
+        httpx.get(f"{served.url}/health", timeout=5)
+    assert served.process.poll() is None and slow.is_alive()
     slow.join(40)
     assert slow_result, "the in-flight request was not answered"
     assert slow_result[0].status_code == 200, slow_result[0].text
     assert served.process.wait(40) == 0
-    with pytest.raises(httpx.TransportError):
+    with pytest.raises(httpx.ConnectError):
         httpx.get(f"{served.url}/health", timeout=2)
     assert KEY not in served.log.read_text(errors="replace")

@@ -18,7 +18,10 @@ answers both kinds of request with an OpenAI-shaped error through LitServe's own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two checks of the waiting requests.
 CHECK_INTERVAL = 0.25
+#: Seconds after a shutdown starts before the listening socket is shut down.
+STOP_LISTENING_DELAY = 0.5
 
 
 class TrackedBuffer(dict):
@@ -119,19 +124,42 @@ class RequestWatchdog:
 
 
 class SupervisedLitServer(ls.LitServer):
-    """`LitServer` whose monitor stops restarting workers once shutdown begins.
+    """`LitServer` that stops listening at once on shutdown and stops restarting workers then.
 
     On shutdown LitServe first lets the HTTP processes drain (uvicorn finishes accepted
     requests, for up to `uvicorn_graceful_timeout` seconds, while the workers keep serving),
-    then terminates the workers. With `restart_workers=True` its monitor thread, which is not
-    told about a shutdown caused by a signal, would revive the workers it sees terminated.
+    then terminates the workers. Two things go wrong on the way, fixed here:
+
+    - The listening socket is opened in this process and inherited by every process forked
+      from it (the HTTP processes and LitServe's manager). Uvicorn closes only its copy, so
+      the kernel would go on accepting connections that nobody answers. The socket itself
+      is shut down instead, which refuses new connections in all processes at once.
+    - With `restart_workers=True` the monitor thread, which is not told about a shutdown
+      caused by a signal, would revive the workers it sees terminated.
     """
 
     _stopping = False
+    _listening: list[socket.socket] = []
+
+    def _start_server(self, port: Any, num_uvicorn_servers: int, log_level: str, sockets: list[socket.socket],
+                      *args: Any, **kwargs: Any) -> Any:
+        self._listening = list(sockets or [])
+        return super()._start_server(port, num_uvicorn_servers, log_level, sockets, *args, **kwargs)
 
     def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
         self._stopping = True
+        # Delayed until uvicorn, signalled just below, has stopped accepting: an accept loop
+        # still watching the socket would fail on every turn once it is shut down.
+        timer = threading.Timer(STOP_LISTENING_DELAY, self._stop_listening)
+        timer.daemon = True
+        timer.start()
         super()._perform_graceful_shutdown(*args, **kwargs)
+
+    def _stop_listening(self) -> None:
+        for listening in self._listening:
+            with contextlib.suppress(OSError):  # already closed
+                listening.shutdown(socket.SHUT_RDWR)
+            listening.close()
 
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
         if self._stopping:
