@@ -397,6 +397,33 @@ def test_load_beyond_the_queue_bound_gets_429_and_accepted_requests_complete(htt
     healthy(http)
 
 
+def test_the_watchdog_answers_overdue_and_orphaned_requests_only():
+    import asyncio
+
+    from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+    from clarity.serving.supervision import RequestWatchdog, TrackedBuffer
+
+    buffer = TrackedBuffer()
+    statuses = {"edits_0": "ready", "edits_1": "starting"}  # worker 1 died and is restarting
+    watchdog = RequestWatchdog(buffer, queue_timeout=5, worker_status=lambda: statuses, endpoint="edits")
+    items = {name: ResponseBufferItem(event=asyncio.Event()) for name in ("old", "new", "on-0", "on-1")}
+    for uid, item in items.items():
+        buffer[uid] = item
+    buffer.added_at["old"] -= 10
+    items["on-0"].worker_id, items["on-1"].worker_id = 0, 1
+
+    assert watchdog.check() == 2
+    answered = {uid for uid, item in items.items() if item.event.is_set()}
+    assert answered == {"old", "on-1"}
+    for uid, status, code in [("old", 504, "queue_timeout"), ("on-1", 503, "worker_restarted")]:
+        error, state = items[uid].response
+        assert state == LitAPIStatus.ERROR
+        assert error.status_code == status and error.detail["error"]["code"] == code
+    buffer.pop("old")
+    assert "old" not in buffer.added_at  # nothing kept once LitServe has read the answer
+
+
 # --- a real server process ----------------------------------------------------------------------------
 
 
