@@ -13,6 +13,12 @@ LitServe 0.2.19 parks each request of the HTTP process in `LitServer.response_bu
 `RequestWatchdog` runs in each HTTP process, on the event loop that owns the buffer, and
 answers both kinds of request with an OpenAI-shaped error through LitServe's own error path.
 `SupervisedLitServer` keeps LitServe's monitor from reviving workers during a shutdown.
+
+Not handled: a client that disconnects. Uvicorn does not cancel a handler when its client
+goes away, and even if the disconnect were noticed, LitServe 0.2.19 offers no way to take a
+request back off its manager queue, nor tells `decode_request` the request's uid, so a worker
+cannot know that a request it picks up was abandoned. Abandoned requests run to the end (or
+to the queue deadline, if they are still waiting then) and their answer is dropped.
 """
 
 from __future__ import annotations
