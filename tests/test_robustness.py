@@ -41,7 +41,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 #: Fast engine settings (each request well under a second on two cores).
 FAST = {"num_inference_steps": "2", "creativity": "0.5"}
 #: A request that keeps the worker busy for a few seconds.
-SLOW = {"num_inference_steps": "16", "creativity": "1.0", "scheduler": "Euler"}
+SLOW = {"num_inference_steps": "24", "creativity": "1.0", "scheduler": "Euler"}
 #: Edit requests the in-process server holds at once before answering 429.
 MAX_QUEUE = 3
 #: Seconds the subprocess server lets a request wait for a worker.
