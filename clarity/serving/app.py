@@ -176,6 +176,11 @@ class GuardMiddleware:
 
 async def _http_exception_handler(request: Request, error: StarletteHTTPException) -> Response:
     """FastAPI's `{"detail": ...}` -> OpenAI's `{"error": {...}}` (worker errors already are)."""
+    cause = error.__cause__
+    if error.status_code == 500 and isinstance(cause, StarletteHTTPException) and cause.status_code < 500:
+        # Starlette's 400 for a malformed multipart body, which LitServe (expecting FastAPI's
+        # subclass) turned into a 500.
+        return await _http_exception_handler(request, cause)
     detail = error.detail
     if isinstance(detail, dict) and "error" in detail:
         body = detail
@@ -185,11 +190,6 @@ async def _http_exception_handler(request: Request, error: StarletteHTTPExceptio
             message = f"Unknown route {request.method} {request.url.path}."
         body = openai.error_body(error.status_code, message)
     headers = dict(error.headers or {})
-    cause = error.__cause__
-    if error.status_code == 500 and isinstance(cause, StarletteHTTPException) and cause.status_code < 500:
-        # Starlette's 400 for a malformed multipart body, which LitServe (expecting FastAPI's
-        # subclass) turned into a 500.
-        return await _http_exception_handler(request, cause)
     if error.status_code == 504 and not isinstance(detail, dict):
         # LitServe's own check, made when a worker takes an expired request off the queue.
         body = openai.error_body(504, "The request waited too long for a free worker; retry later.",
