@@ -424,6 +424,25 @@ def test_the_watchdog_answers_overdue_and_orphaned_requests_only():
     assert "old" not in buffer.added_at  # nothing kept once LitServe has read the answer
 
 
+def test_the_limits_are_set_from_the_command_line(tiny_weights, monkeypatch):
+    from clarity.serving import app
+
+    built: dict = {}
+
+    class NotRun:
+        def run(self, **options) -> None:
+            built["host"] = options["host"]
+
+    monkeypatch.setattr(app, "build_server", lambda weights, **options: built.update(options) or NotRun())
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave the test process's handlers alone
+    argv = ["--weights", str(tiny_weights), "--host", "127.0.0.1", "--max-queue", "3", "--queue-timeout", "7",
+            "--max-input-mp", "2.5", "--shutdown-timeout", "9"]
+    assert app.main(argv) == 0
+    assert built["host"] == "127.0.0.1"
+    assert (built["max_queue"], built["timeout"], built["shutdown_timeout"]) == (3, 7, 9)
+    assert built["max_input_pixels"] == 2_500_000
+
+
 # --- a real server process ----------------------------------------------------------------------------
 
 
