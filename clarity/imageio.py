@@ -27,8 +27,8 @@ OUTPUT_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "
                                   "avif": "AVIF", "gif": "GIF"}
 #: Refuse larger inputs (pixels) before decoding them; Pillow's own bomb limit is ~179 MP.
 DEFAULT_MAX_INPUT_PIXELS = 64_000_000
-#: Default cap on output pixels (4096 x 4096). The VAE still decodes the whole image at once,
-#: so memory grows with the output: about 1.5 kB per output pixel in float32.
+#: Default cap on output pixels (4096 x 4096). Model activations are tiled, but the engine
+#: still holds several float32 copies of the whole image, and time grows with its area.
 DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096
 
 ImageSource = Image.Image | str | Path | bytes | BinaryIO

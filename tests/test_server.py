@@ -188,13 +188,29 @@ def test_unknown_model_is_not_found(client):
         ({"n": 5}, "n"),
         ({"output_format": "bmp"}, "output_format"),
         ({"response_format": "json"}, "response_format"),
-        ({"mask": ("mask.png", png_bytes(), "image/png")}, "mask"),
+        ({"mask": ("mask.png", png_bytes(20, 20), "image/png")}, "mask"),  # not the input's shape
+        ({"mask": ("mask.png", b"not an image", "image/png")}, "mask"),
     ],
 )
 def test_invalid_openai_fields_name_the_field(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
         edit(client, **kwargs)
     assert caught.value.param == param
+
+
+def test_mask_keeps_its_opaque_area_as_the_original(client):
+    # Opaque left half, transparent right half: OpenAI's "transparent = edit".
+    mask = Image.new("RGBA", (40, 32), (0, 0, 0, 0))
+    mask.paste((255, 255, 255, 255), (0, 0, 20, 32))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    source = png_bytes()
+    result = decode(edit(client, image=source, mask=("mask.png", buffer.getvalue(), "image/png"),
+                         response_format="b64_json").data[0].b64_json)
+    original = Image.open(io.BytesIO(source)).convert("RGB").resize((80, 64), Image.Resampling.LANCZOS)
+    # The edge at column 40 is softened by a Gaussian of radius 5: compare well clear of it.
+    assert np.array_equal(np.asarray(result)[:, :20], np.asarray(original)[:, :20])
+    assert not np.array_equal(np.asarray(result)[:, 60:], np.asarray(original)[:, 60:])
 
 
 def test_streaming_is_refused(http):

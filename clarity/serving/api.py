@@ -68,13 +68,13 @@ class UpscaleAPI(ls.LitAPI):
         except openai.APIError as error:
             raise http_error(error) from None
         except ParamError as error:
-            raise http_error(openai.invalid(error.param, error.message)) from None
+            raise http_error(openai.invalid(error.param, str(error))) from None
 
     def predict(self, request: openai.EditRequest) -> tuple[openai.EditRequest, Any]:
         try:
-            result = self.upscaler.upscale(request.image, request.params, num_images=request.n)
+            result = self.upscaler.upscale(request.image, request.params, num_images=request.n, mask=request.mask)
         except ParamError as error:
-            raise http_error(openai.invalid(error.param, error.message)) from None
+            raise http_error(openai.invalid(error.param, str(error))) from None
         except Exception:
             # Logged here, in the worker, with the traceback; the client only learns it failed.
             logger.exception("upscale failed")

@@ -15,7 +15,9 @@
 - `output_format`: png (default), jpeg, webp, avif or gif.
 - `output_compression`: 0-100, used as the encoder's quality for jpeg, webp and avif
   (OpenAI's default of 100 means "least compression", which is the same scale).
-- `mask`: not supported yet (400). `stream=true`: not supported (400).
+- `mask`: one image file with the input's aspect ratio, marking what to keep as it is:
+  opaque areas when it has an alpha channel (OpenAI's convention: transparent = edit), else
+  white areas (the original Clarity's). `stream=true`: not supported (400).
 - Accepted and ignored: `background` (input transparency is always preserved),
   `input_fidelity` (use `resemblance`), `quality` (use `num_inference_steps`), `user`,
   `safety_identifier`, `partial_images` (only meaningful with streaming).
@@ -57,7 +59,7 @@ SIZE_ASPECT_TOLERANCE = 0.01
 #: OpenAI's own form fields for `images.edit`, with what Clarity does with them.
 OPENAI_FIELDS: dict[str, str] = {
     "image": "the image to upscale (one file)",
-    "mask": "not supported yet",
+    "mask": "image file: opaque (or, without alpha, white) areas keep the pre-upscaled input",
     "model": f"must be {MODEL_ID}",
     "prompt": "what the added detail should look like",
     "n": f"number of variants, 1-{MAX_VARIANTS}",
@@ -184,6 +186,7 @@ class EditRequest:
     response_format: str = "url"
     output_format: str = "png"
     output_compression: int | None = None
+    mask: Image.Image | None = None
 
 
 def _is_file(value: Any) -> bool:
@@ -268,8 +271,9 @@ def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | No
         fields[name] = value
 
     # Fields that are files and fields that must not be.
-    if "mask" in fields:
-        raise invalid("mask", "mask is not supported yet: the whole image is upscaled")
+    mask_file = fields.pop("mask", None)
+    if mask_file is not None and not _is_file(mask_file):
+        raise invalid("mask", "mask must be an image file upload, not a text field")
     for name, value in fields.items():
         if _is_file(value):
             raise invalid(name, f"{name} must be a text field, not a file")
@@ -301,6 +305,7 @@ def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | No
     # Decoding last: it is the expensive check.
     load_options = {"max_pixels": max_input_pixels} if max_input_pixels else {}
     image = load_image(_read_file(files[0]), param="image", **load_options)
+    mask = load_image(_read_file(mask_file), param="mask", **load_options) if mask_file is not None else None
     if "scale_factor" not in fields and fields.get("size"):
         scale = scale_for_size(fields["size"], image.size)
         if scale is not None:
@@ -309,7 +314,7 @@ def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | No
             except ParamError as error:
                 message = f"size {fields['size']} means a scale factor of {scale:.3g}, which {error.message}"
                 raise invalid("size", message) from None
-    return EditRequest(image, params, n, response_format, output_format, output_compression)
+    return EditRequest(image, params, n, response_format, output_format, output_compression, mask)
 
 
 # --- responses -----------------------------------------------------------------------------------
