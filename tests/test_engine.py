@@ -244,3 +244,59 @@ def test_outputs_over_the_pixel_limit_are_refused_before_any_work(tiny_weights):
         limited.upscale(make_test_image(50, 40), scale_factor=2.5, **FAST)
     assert caught.value.param == "scale_factor"
     assert limited.upscale(make_test_image(50, 40), scale_factor=2, **FAST).image.size == (100, 80)
+
+
+class _RunsOutOfMemory:
+    """Wraps the pipeline to fail like a GPU that is too small for big tile batches."""
+
+    def __init__(self, inner, fits_batch: int, error: Exception) -> None:
+        self.inner, self.fits_batch, self.error = inner, fits_batch, error
+        self.batches: list[int] = []
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def __call__(self, image, settings, on_step=None):
+        self.batches.append(settings.tile_batch_size)
+        if settings.tile_batch_size > self.fits_batch:
+            raise self.error
+        return self.inner(image, settings, on_step)
+
+
+def test_out_of_memory_retries_with_smaller_batches_and_says_so(upscaler, image, caplog):
+    from clarity import Upscaler
+
+    flaky = _RunsOutOfMemory(upscaler.pipeline, fits_batch=2, error=torch.OutOfMemoryError("out of memory"))
+    result = Upscaler(flaky).upscale(image, tile_batch_size=8, **FAST)
+    assert flaky.batches == [8, 4, 2]
+    assert len(result.stats.retries) == 2 and "retried with tile_batch_size=2" in result.stats.retries[1]
+    assert "out of memory" in caplog.text
+    assert len(result.stats.passes) == 1  # the failed attempts leave no stats behind
+    expected = upscaler.upscale(image, tile_batch_size=2, **FAST).image
+    assert np.array_equal(pixels(result.image), pixels(expected))
+
+
+def test_out_of_memory_that_persists_and_other_errors_are_raised(upscaler, image):
+    from clarity import Upscaler
+
+    hopeless = _RunsOutOfMemory(upscaler.pipeline, fits_batch=0, error=torch.OutOfMemoryError("out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):
+        Upscaler(hopeless).upscale(image, tile_batch_size=2, vae_tile_size=256, **FAST)
+    assert hopeless.batches == [2, 1, 1]  # batch halved, then the VAE tile, then nothing is left
+    broken = _RunsOutOfMemory(upscaler.pipeline, fits_batch=0, error=RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        Upscaler(broken).upscale(image, **FAST)
+    assert broken.batches == [8]  # not a memory problem: no retry
+
+
+def test_an_exception_from_progress_cancels_the_work(upscaler, image):
+    class Stop(Exception):
+        pass
+
+    def cancel_after_first_step(event):
+        if event.step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        upscaler.upscale(image, progress=cancel_after_first_step, **FAST)

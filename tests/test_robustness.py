@@ -436,10 +436,11 @@ def test_the_limits_are_set_from_the_command_line(tiny_weights, monkeypatch):
     monkeypatch.setattr(app, "build_server", lambda weights, **options: built.update(options) or NotRun())
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave the test process's handlers alone
     argv = ["--weights", str(tiny_weights), "--host", "127.0.0.1", "--max-queue", "3", "--queue-timeout", "7",
-            "--max-input-mp", "2.5", "--shutdown-timeout", "9"]
+            "--max-input-mp", "2.5", "--shutdown-timeout", "9", "--max-compute-seconds", "30"]
     assert app.main(argv) == 0
     assert built["host"] == "127.0.0.1"
     assert (built["max_queue"], built["timeout"], built["shutdown_timeout"]) == (3, 7, 9)
+    assert built["max_compute_seconds"] == 30
     assert built["max_input_pixels"] == 2_500_000
 
 

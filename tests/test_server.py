@@ -346,3 +346,23 @@ def test_engine_failure_is_a_500_without_internals(tmp_path_factory):
     assert caught.value.status_code == 500
     error = caught.value.detail["error"]
     assert error["type"] == "server_error" and "secret" not in error["message"]
+
+
+def test_an_upscale_over_the_compute_budget_is_stopped_with_a_504(tiny_weights, tmp_path_factory):
+    from fastapi import HTTPException
+
+    from clarity import UpscaleParams
+    from clarity.serving.api import UpscaleAPI
+    from clarity.serving.openai import EditRequest
+
+    api = UpscaleAPI(tiny_weights, tmp_path_factory.mktemp("out"), "http://testserver", 60, max_compute_seconds=1e-9)
+    api.setup("cpu")
+    request = EditRequest(image=Image.open(io.BytesIO(png_bytes())), params=UpscaleParams(**FAST))
+    with pytest.raises(HTTPException) as caught:
+        api.predict(request)
+    assert caught.value.status_code == 504
+    assert caught.value.detail["error"]["code"] == "compute_timeout"
+    api.max_compute_seconds = None
+    _, result = api.predict(request)  # without a budget the same request completes
+    assert result.image.size == (80, 64)
+

@@ -7,6 +7,7 @@ variants, progress and statistics. One pass of diffusion is `TiledUpscalePipelin
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -24,6 +25,8 @@ from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, lanczos
 from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS, ImageSource, join_from_model, load_image, split_for_model
 from clarity.params import ParamError, UpscaleParams
+
+logger = logging.getLogger(__name__)
 
 #: Largest factor of a single pass; larger scale factors chain passes (the original's scheme).
 MAX_PASS_FACTOR = 2.0
@@ -60,6 +63,8 @@ class UpscaleStats:
     device: str
     seeds: list[int] = field(default_factory=list)
     passes: list[PassStats] = field(default_factory=list)
+    #: What was retried with smaller settings after running out of memory, and how.
+    retries: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -92,6 +97,24 @@ class UpscaleResult:
     def image(self) -> Image.Image:
         """The first (usually only) variant."""
         return self.images[0]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError with this wording.
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def _smaller_memory_settings(params: UpscaleParams) -> UpscaleParams | None:
+    """Settings that need less memory and change the result least, or None when none are left.
+
+    The tile batch does not change the result at all; the VAE tile size only slightly. Tile
+    sizes, which shape the invented detail, are never changed behind the caller's back.
+    """
+    if params.tile_batch_size > 1:
+        return params.replace(tile_batch_size=params.tile_batch_size // 2)
+    if params.vae_tile_size >= 256:
+        return params.replace(vae_tile_size=max(128, params.vae_tile_size // 2 // 64 * 64))
+    return None
 
 
 def plan_passes(scale_factor: float) -> list[float]:
@@ -173,6 +196,11 @@ class Upscaler:
         reported in `stats.seeds`. `mask` (same aspect ratio as `image`) marks what to keep:
         where it is white, or opaque if it has an alpha channel, the output is the plain
         pre-upscaled input; elsewhere the upscale adds detail, with a soft edge between.
+        `progress` is called at the start of every pass and after every denoising step; an
+        exception it raises stops the work and propagates (that is how to cancel).
+
+        When the device runs out of memory, the variant is retried with half the tile batch,
+        then half the VAE tile size, and each retry is logged and listed in `stats.retries`.
         Raises `ParamError` naming the field for invalid input.
         """
         params = (params or UpscaleParams()).replace(**overrides) if overrides else (params or UpscaleParams())
@@ -198,7 +226,28 @@ class Upscaler:
         for variant in range(num_images):
             seed = base_seed + variant
             stats.seeds.append(seed)
-            result = sharpen(self._upscale_rgb(rgb, params, seed, variant, num_images, progress, stats), params.sharpen)
+            attempt = params
+            while True:
+                passes_before = len(stats.passes)
+                try:
+                    result = self._upscale_rgb(rgb, attempt, seed, variant, num_images, progress, stats)
+                    break
+                except (torch.OutOfMemoryError, RuntimeError) as error:
+                    smaller = _smaller_memory_settings(attempt) if _is_out_of_memory(error) else None
+                    if smaller is None:
+                        raise
+                    del stats.passes[passes_before:]
+                    note = (
+                        f"out of memory with tile_batch_size={attempt.tile_batch_size},"
+                        f" vae_tile_size={attempt.vae_tile_size}; retried with"
+                        f" tile_batch_size={smaller.tile_batch_size}, vae_tile_size={smaller.vae_tile_size}"
+                    )
+                    logger.warning("variant %d: %s", variant, note)
+                    stats.retries.append(note)
+                    attempt = smaller
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+            result = sharpen(result, params.sharpen)
             if keep is not None:
                 result = Image.composite(original, result, keep)
             images.append(join_from_model(result, source))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from clarity.serving import openai
 from clarity.serving.files import FILES_ROUTE, FileStore
 
 logger = logging.getLogger(__name__)
+
+class _ComputeTimeout(Exception):
+    """Raised from the engine's progress callback when a request's compute budget is spent."""
+
 
 def http_error(error: openai.APIError) -> HTTPException:
     """The exception LitServe carries from a worker to the client (headers would be dropped)."""
@@ -42,6 +47,7 @@ class UpscaleAPI(ls.LitAPI):
         file_ttl_seconds: float,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+        max_compute_seconds: float | None = None,
     ) -> None:
         super().__init__(api_path=openai.EDITS_PATH)
         self.weights = Path(weights)
@@ -50,6 +56,7 @@ class UpscaleAPI(ls.LitAPI):
         self.file_ttl_seconds = file_ttl_seconds
         self.max_input_pixels = max_input_pixels
         self.max_output_pixels = max_output_pixels
+        self.max_compute_seconds = max_compute_seconds
 
     def setup(self, device: str) -> None:
         from clarity import Upscaler
@@ -71,8 +78,21 @@ class UpscaleAPI(ls.LitAPI):
             raise http_error(openai.invalid(error.param, str(error))) from None
 
     def predict(self, request: openai.EditRequest) -> tuple[openai.EditRequest, Any]:
+        started = time.monotonic()
+
+        def check_deadline(event: Any) -> None:
+            # Called by the engine after every denoising step: the only place a running
+            # upscale can stop early.
+            if self.max_compute_seconds and time.monotonic() - started > self.max_compute_seconds:
+                raise _ComputeTimeout
+
         try:
-            result = self.upscaler.upscale(request.image, request.params, num_images=request.n, mask=request.mask)
+            result = self.upscaler.upscale(
+                request.image, request.params, num_images=request.n, mask=request.mask, progress=check_deadline
+            )
+        except _ComputeTimeout:
+            message = f"The upscale took longer than this server's limit of {self.max_compute_seconds:g} s."
+            raise http_error(openai.APIError(504, message, code="compute_timeout")) from None
         except ParamError as error:
             raise http_error(openai.invalid(error.param, str(error))) from None
         except Exception:
@@ -95,5 +115,6 @@ class UpscaleAPI(ls.LitAPI):
             data.append({**item, "revised_prompt": request.params.prompt, "seed": seed})
         sizes = [image.size for image in result.images]
         return openai.images_response(
-            data, request.output_format, sizes[0], openai.megapixels(sizes), result.stats.seconds
+            data, request.output_format, sizes[0], openai.megapixels(sizes), result.stats.seconds,
+            retries=result.stats.retries,
         )

@@ -231,6 +231,7 @@ def build_server(
     max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
     max_output_pixels: int | None = None,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    max_compute_seconds: float | None = None,
 ) -> Any:
     """A ready-to-run `litserve.LitServer` for the upscaler in `weights`.
 
@@ -248,7 +249,10 @@ def build_server(
 
     output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
     limits = {"max_output_pixels": max_output_pixels} if max_output_pixels else {}
-    api = UpscaleAPI(weights, output_dir, public_url, file_ttl_seconds, max_input_pixels=max_input_pixels, **limits)
+    api = UpscaleAPI(
+        weights, output_dir, public_url, file_ttl_seconds, max_input_pixels=max_input_pixels,
+        max_compute_seconds=max_compute_seconds, **limits,
+    )
     server = SupervisedLitServer(
         api,
         accelerator=accelerator,
@@ -372,6 +376,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
                         help="On SIGTERM, seconds accepted requests get to finish before the workers stop"
                              f" (default: {DEFAULT_SHUTDOWN_TIMEOUT}).")
+    parser.add_argument("--max-compute-seconds", type=float, default=None,
+                        help="Stop an upscale that has run this long and answer 504 compute_timeout"
+                             " (default: no limit).")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -401,6 +408,7 @@ def serve(args: argparse.Namespace) -> int:
         max_input_pixels=int(args.max_input_mp * 1_000_000),
         max_output_pixels=int(args.max_output_mp * 1_000_000) if args.max_output_mp else None,
         shutdown_timeout=args.shutdown_timeout,
+        max_compute_seconds=args.max_compute_seconds,
     )
     if (args.weights / TINY_MARKER).exists():
         logger.warning("serving the tiny test model in %s: outputs have no meaningful detail", args.weights)

@@ -321,7 +321,12 @@ def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | No
 
 
 def images_response(
-    data: list[dict[str, Any]], output_format: str, size: tuple[int, int], megapixels: float, seconds: float
+    data: list[dict[str, Any]],
+    output_format: str,
+    size: tuple[int, int],
+    megapixels: float,
+    seconds: float,
+    retries: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `ImagesResponse` body.
 
@@ -334,7 +339,12 @@ def images_response(
         "data": data,
         "output_format": output_format,
         "size": f"{size[0]}x{size[1]}",
-        "clarity_usage": {"output_megapixels": round(megapixels, 4), "seconds": round(seconds, 3)},
+        "clarity_usage": {
+            "output_megapixels": round(megapixels, 4),
+            "seconds": round(seconds, 3),
+            # Never silent: a result made with smaller settings after running out of memory says so.
+            **({"retries": retries} if retries else {}),
+        },
     }
 
 
