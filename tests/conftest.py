@@ -6,7 +6,10 @@ loaded back through the same loader as real weights, with no network.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -50,3 +53,30 @@ def make_test_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -
 @pytest.fixture
 def image():
     return make_test_image(40, 32)
+
+
+@contextlib.contextmanager
+def running_server(weights, output_dir, **options) -> Iterator:
+    """A TestClient on an in-process server (LitServe's test harness), once its worker is ready.
+
+    The SDKs can use the client as their `http_client` with base_url "http://testserver/v1".
+    """
+    from fastapi.testclient import TestClient
+    from litserve.utils import wrap_litserve_start
+
+    from clarity.serving.app import build_server
+
+    server = build_server(weights, accelerator="cpu", output_dir=output_dir, public_url="http://testserver",
+                          **options)
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as patch:
+            # Read by the worker spawned here: two torch threads per worker on a busy two-core
+            # machine slow a tiny upscale from 0.1 s to several seconds.
+            patch.setenv("OMP_NUM_THREADS", "1")
+            started = stack.enter_context(wrap_litserve_start(server))
+        client = stack.enter_context(TestClient(started.app))
+        deadline = time.monotonic() + 120
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the inference worker did not become ready"
+            time.sleep(0.2)
+        yield client

@@ -12,7 +12,6 @@ Two servers on the tiny model:
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 import signal
@@ -29,11 +28,9 @@ from pathlib import Path
 import httpx2 as httpx
 import numpy as np
 import pytest
-from conftest import make_test_image
-from fastapi.testclient import TestClient
+from conftest import make_test_image, running_server
 from PIL import Image
 
-from clarity.serving.app import build_server
 from clarity.serving.files import FileStore
 
 KEY = "sk-robustness-secret-key"
@@ -109,27 +106,10 @@ def result_image(response: httpx.Response) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def http(tiny_weights, tmp_path_factory):
-    from litserve.utils import wrap_litserve_start
-
-    server = build_server(
-        tiny_weights,
-        api_key=KEY,
-        accelerator="cpu",
-        max_payload_bytes=2_000_000,
-        max_input_pixels=1_000_000,
-        max_queue=MAX_QUEUE,
-        output_dir=tmp_path_factory.mktemp("outputs"),
-        public_url="http://testserver",
-    )
-    with contextlib.ExitStack() as stack:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("OMP_NUM_THREADS", ONE_THREAD)  # read by the worker spawned here
-            started = stack.enter_context(wrap_litserve_start(server))
-        client = stack.enter_context(TestClient(started.app))
-        deadline = time.monotonic() + 120
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the inference worker did not become ready"
-            time.sleep(0.2)
+    with running_server(
+        tiny_weights, tmp_path_factory.mktemp("outputs"), api_key=KEY, max_payload_bytes=2_000_000,
+        max_input_pixels=1_000_000, max_queue=MAX_QUEUE,
+    ) as client:
         yield client
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import openai
 import pytest
-from conftest import make_test_image
+from conftest import make_test_image, running_server
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -41,21 +41,8 @@ def decode(b64: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def http(tiny_weights, tmp_path_factory):
     """A TestClient on a running server with auth on (the SDK uses it as its http_client)."""
-    from litserve.utils import wrap_litserve_start
-
-    server = build_server(
-        tiny_weights,
-        api_key=KEY,
-        accelerator="cpu",
-        max_payload_bytes=LIMIT,
-        output_dir=tmp_path_factory.mktemp("outputs"),
-        public_url="http://testserver",
-    )
-    with wrap_litserve_start(server) as started, TestClient(started.app) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the inference worker did not become ready"
-            time.sleep(0.2)
+    with running_server(tiny_weights, tmp_path_factory.mktemp("outputs"), api_key=KEY,
+                        max_payload_bytes=LIMIT) as client:
         yield client
 
 
