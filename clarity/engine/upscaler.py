@@ -203,7 +203,9 @@ class Upscaler:
         then half the VAE tile size, and each retry is logged and listed in `stats.retries`.
         Raises `ParamError` naming the field for invalid input.
         """
-        params = (params or UpscaleParams()).replace(**overrides) if overrides else (params or UpscaleParams())
+        params = params or UpscaleParams()
+        if overrides:
+            params = params.replace(**overrides)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
             raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
         started = time.perf_counter()
@@ -226,33 +228,44 @@ class Upscaler:
         for variant in range(num_images):
             seed = base_seed + variant
             stats.seeds.append(seed)
-            attempt = params
-            while True:
-                passes_before = len(stats.passes)
-                try:
-                    result = self._upscale_rgb(rgb, attempt, seed, variant, num_images, progress, stats)
-                    break
-                except (torch.OutOfMemoryError, RuntimeError) as error:
-                    smaller = _smaller_memory_settings(attempt) if _is_out_of_memory(error) else None
-                    if smaller is None:
-                        raise
-                    del stats.passes[passes_before:]
-                    note = (
-                        f"out of memory with tile_batch_size={attempt.tile_batch_size},"
-                        f" vae_tile_size={attempt.vae_tile_size}; retried with"
-                        f" tile_batch_size={smaller.tile_batch_size}, vae_tile_size={smaller.vae_tile_size}"
-                    )
-                    logger.warning("variant %d: %s", variant, note)
-                    stats.retries.append(note)
-                    attempt = smaller
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
+            result = self._upscale_rgb_with_retries(rgb, params, seed, variant, num_images, progress, stats)
             result = sharpen(result, params.sharpen)
             if keep is not None:
                 result = Image.composite(original, result, keep)
             images.append(join_from_model(result, source))
         stats.seconds = time.perf_counter() - started
         return UpscaleResult(images=images, stats=stats)
+
+    def _upscale_rgb_with_retries(
+        self,
+        rgb: Image.Image,
+        params: UpscaleParams,
+        seed: int,
+        variant: int,
+        variants: int,
+        progress: ProgressCallback | None,
+        stats: UpscaleStats,
+    ) -> Image.Image:
+        """`_upscale_rgb`, retried with settings that need less memory while the device runs out."""
+        while True:
+            passes_before = len(stats.passes)
+            try:
+                return self._upscale_rgb(rgb, params, seed, variant, variants, progress, stats)
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                smaller = _smaller_memory_settings(params) if _is_out_of_memory(error) else None
+                if smaller is None:
+                    raise
+                del stats.passes[passes_before:]  # the failed attempt's passes
+                note = (
+                    f"out of memory with tile_batch_size={params.tile_batch_size},"
+                    f" vae_tile_size={params.vae_tile_size}; retried with"
+                    f" tile_batch_size={smaller.tile_batch_size}, vae_tile_size={smaller.vae_tile_size}"
+                )
+                logger.warning("variant %d: %s", variant, note)
+                stats.retries.append(note)
+                params = smaller
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def _upscale_rgb(
         self,
