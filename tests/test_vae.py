@@ -53,7 +53,7 @@ def test_images_that_fit_one_tile_take_the_exact_path(vae):
 def test_tiled_decode_matches_untiled(vae, photo_latents):
     untiled = vae_ops.decode(vae, photo_latents)
     tiled = vae_ops.decode(vae, photo_latents, tile_size=128)  # 5 x 4 tiles of 16 latent px
-    assert vae_ops.tile_count(*photo_latents.shape[-2:], 128) == 20
+    assert len(vae_ops.tile_plan(*photo_latents.shape[-2:], 128).tiles) == 20
     assert (tiled - untiled).abs().mean() < TILED_DECODE_TOLERANCE
 
 
@@ -82,7 +82,7 @@ def test_no_tone_step_at_tile_borders(vae):
     decoded = vae_ops.decode(vae, latents, tile_size=128)
     steps = decoded.mean((0, 1, 2)).diff().abs()
     borders = torch.zeros_like(steps, dtype=torch.bool)
-    lefts = {tile.left for tile in vae_ops._plan(latents.shape[-2], latents.shape[-1], 16).tiles} - {0}
+    lefts = {tile.left for tile in vae_ops.tile_plan(latents.shape[-2], latents.shape[-1], 128).tiles} - {0}
     for left in lefts:
         start = left * vae_ops.VAE_SCALE
         borders[start - 2:start + vae_ops.BLEND_OVERLAP * vae_ops.VAE_SCALE + 2] = True

@@ -166,7 +166,8 @@ class TiledUpscalePipeline:
         # 7. Decode, and crop the padding away.
         started = time.perf_counter()
         result = vae_ops.decode(self.vae, latents, settings.vae_tile_size)[..., :height, :width].cpu()
-        stats.vae_tiles = vae_ops.tile_count(latents.shape[-2], latents.shape[-1], settings.vae_tile_size)
+        vae_plan = vae_ops.tile_plan(latents.shape[-2], latents.shape[-1], settings.vae_tile_size)
+        stats.vae_tiles = 1 if vae_plan is None else len(vae_plan.tiles)
         stats.seconds["vae_decode"] = time.perf_counter() - started
         return result, stats
 

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,31 @@ def _smaller_memory_settings(params: UpscaleParams) -> UpscaleParams | None:
     if params.vae_tile_size >= 256:
         return params.replace(vae_tile_size=max(128, params.vae_tile_size // 2 // 64 * 64))
     return None
+
+
+def _with_memory_retries(
+    run: Callable[[UpscaleParams], Image.Image], params: UpscaleParams, stats: UpscaleStats, variant: int
+) -> Image.Image:
+    """`run(params)`, retried with settings that need less memory while the device runs out."""
+    while True:
+        passes_before = len(stats.passes)
+        try:
+            return run(params)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            smaller = _smaller_memory_settings(params) if _is_out_of_memory(error) else None
+            if smaller is None:
+                raise
+            del stats.passes[passes_before:]  # the failed attempt's passes
+            note = (
+                f"out of memory with tile_batch_size={params.tile_batch_size},"
+                f" vae_tile_size={params.vae_tile_size}; retried with"
+                f" tile_batch_size={smaller.tile_batch_size}, vae_tile_size={smaller.vae_tile_size}"
+            )
+            logger.warning("variant %d: %s", variant, note)
+            stats.retries.append(note)
+            params = smaller
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def plan_passes(scale_factor: float) -> list[float]:
@@ -228,44 +254,15 @@ class Upscaler:
         for variant in range(num_images):
             seed = base_seed + variant
             stats.seeds.append(seed)
-            result = self._upscale_rgb_with_retries(rgb, params, seed, variant, num_images, progress, stats)
+            run = partial(self._upscale_rgb, rgb, seed=seed, variant=variant, variants=num_images,
+                          progress=progress, stats=stats)
+            result = _with_memory_retries(run, params, stats, variant)
             result = sharpen(result, params.sharpen)
             if keep is not None:
                 result = Image.composite(original, result, keep)
             images.append(join_from_model(result, source))
         stats.seconds = time.perf_counter() - started
         return UpscaleResult(images=images, stats=stats)
-
-    def _upscale_rgb_with_retries(
-        self,
-        rgb: Image.Image,
-        params: UpscaleParams,
-        seed: int,
-        variant: int,
-        variants: int,
-        progress: ProgressCallback | None,
-        stats: UpscaleStats,
-    ) -> Image.Image:
-        """`_upscale_rgb`, retried with settings that need less memory while the device runs out."""
-        while True:
-            passes_before = len(stats.passes)
-            try:
-                return self._upscale_rgb(rgb, params, seed, variant, variants, progress, stats)
-            except (torch.OutOfMemoryError, RuntimeError) as error:
-                smaller = _smaller_memory_settings(params) if _is_out_of_memory(error) else None
-                if smaller is None:
-                    raise
-                del stats.passes[passes_before:]  # the failed attempt's passes
-                note = (
-                    f"out of memory with tile_batch_size={params.tile_batch_size},"
-                    f" vae_tile_size={params.vae_tile_size}; retried with"
-                    f" tile_batch_size={smaller.tile_batch_size}, vae_tile_size={smaller.vae_tile_size}"
-                )
-                logger.warning("variant %d: %s", variant, note)
-                stats.retries.append(note)
-                params = smaller
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
 
     def _upscale_rgb(
         self,

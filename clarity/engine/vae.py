@@ -105,13 +105,13 @@ def encode(
         encoded = vae.encoder(x)
         return vae.quant_conv(encoded) if vae.quant_conv is not None else encoded
 
-    if tile_size is None or max(pixels.shape[-2:]) <= tile_size:
+    plan = tile_plan(pixels.shape[-2] // VAE_SCALE, pixels.shape[-1] // VAE_SCALE, tile_size)
+    if plan is None:
         stacked = moments(pixels)
     else:
         statistics = GroupNormStatistics(vae.encoder)
         with statistics.recording():
             moments(_matched_miniature(pixels, tile_size))
-        plan = _plan(pixels.shape[-2] // VAE_SCALE, pixels.shape[-1] // VAE_SCALE, tile_size // VAE_SCALE)
         with statistics.frozen():
             stacked = _blend_tiles(
                 plan, lambda tile: _with_context(moments, pixels, tile, ENCODER_CONTEXT, VAE_SCALE, 1), 1
@@ -125,14 +125,13 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, tile_size: int | None = No
     z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
-    latent_tile = None if tile_size is None else tile_size // VAE_SCALE
-    if latent_tile is None or max(z.shape[-2:]) <= latent_tile:
+    plan = tile_plan(z.shape[-2], z.shape[-1], tile_size)
+    if plan is None:
         pixels = vae.decoder(z)
     else:
         statistics = GroupNormStatistics(vae.decoder)
         with statistics.recording():
-            vae.decoder(_matched_miniature(z, latent_tile))
-        plan = _plan(z.shape[-2], z.shape[-1], latent_tile)
+            vae.decoder(_matched_miniature(z, tile_size // VAE_SCALE))
         with statistics.frozen():
             pixels = _blend_tiles(
                 plan, lambda tile: _with_context(vae.decoder, z, tile, DECODER_CONTEXT, 1, VAE_SCALE), VAE_SCALE
@@ -140,18 +139,17 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, tile_size: int | None = No
     return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
 
-def tile_count(latent_height: int, latent_width: int, tile_size: int | None) -> int:
-    """How many tiles `decode` uses for a latent of this size (1 = the exact, untiled path)."""
-    latent_tile = None if tile_size is None else tile_size // VAE_SCALE
-    if latent_tile is None or max(latent_height, latent_width) <= latent_tile:
-        return 1
-    return len(_plan(latent_height, latent_width, latent_tile).tiles)
+def tile_plan(latent_height: int, latent_width: int, tile_size: int | None) -> TilePlan | None:
+    """The tiles `encode` and `decode` use for a latent of this size; None for the exact untiled path.
 
-
-def _plan(height: int, width: int, latent_tile: int) -> TilePlan:
+    `tile_size` is in pixels; None never tiles.
+    """
+    if tile_size is None or max(latent_height, latent_width) * VAE_SCALE <= tile_size:
+        return None
+    latent_tile = tile_size // VAE_SCALE
     # The context margin already hides what border padding does to the convolutions; the
     # overlap only has to be wide enough for a smooth cross-fade.
-    return plan_tiles(height, width, latent_tile, latent_tile, BLEND_OVERLAP)
+    return plan_tiles(latent_height, latent_width, latent_tile, latent_tile, BLEND_OVERLAP)
 
 
 def _with_context(
