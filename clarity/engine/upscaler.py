@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, lanczos
 from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS, ImageSource, join_from_model, load_image, split_for_model
 from clarity.params import ParamError, UpscaleParams
+
+if TYPE_CHECKING:
+    from clarity.models.loading import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -182,12 +185,12 @@ class Upscaler:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | ModelSource,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
     ) -> Upscaler:
-        """Load a model folder (see weights/README.md) onto `device` (default CUDA if present, else CPU)."""
+        """Load a model folder or `ModelSource` (see weights/README.md) onto `device` (default: CUDA if present)."""
         from clarity.models.loading import load_components
 
         parts = load_components(path, device=device, dtype=dtype)
