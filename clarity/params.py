@@ -108,6 +108,11 @@ class UpscaleParams:
     downscaling_resolution: int = _param(
         768, "Longest side, in pixels, the input is shrunk to when downscaling is on.", min=64, max=8192
     )
+    pattern: bool = _param(
+        False,
+        "Seamless, tileable output: opposite edges continue each other, so copies laid side by side"
+        " show no seam. An input that does not tile already has its mismatched borders cross-faded first.",
+    )
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))

@@ -101,3 +101,39 @@ def test_blending_cross_fades_instead_of_cutting(height, width, overlap):
     blended /= total
     largest_jump = max(blended.diff(dim=0).abs().max(), blended.diff(dim=1).abs().max()) if len(plan.tiles) > 1 else 0
     assert largest_jump <= 10 / (overlap + 1) * 1.01 + 1e-4
+
+
+@given(length=st.integers(1, 600), max_tile=limits, overlap=overlaps)
+@settings(max_examples=300, deadline=None)
+def test_wrapping_plan_covers_the_circle_and_overlaps_across_the_wrap(length, max_tile, overlap):
+    size, starts = plan_axis(length, max_tile, overlap, wrap=True)
+    assert 1 <= size <= min(max_tile, length)
+    assert starts[0] == 0 and all(0 <= s < length for s in starts)
+    # Around the circle, including from the last tile back to the first: no gaps, and each
+    # pair of neighbours shares at least `overlap` pixels (or the tiles span the whole circle).
+    for before, after in itertools.pairwise([*starts, starts[0] + length]):
+        assert before + size - after >= 0
+        assert size == length or before + size - after >= overlap
+
+
+@given(height=st.integers(1, 120), width=st.integers(1, 120), overlap=st.integers(0, 8))
+@settings(max_examples=60, deadline=None)
+def test_wrapping_blend_is_positive_everywhere_and_keeps_constants(height, width, overlap):
+    plan = plan_tiles(height, width, 16, 16, overlap, wrap=True)
+    blended, total = torch.zeros(2, height, width), torch.zeros(height, width)
+    for tile in plan.tiles:
+        weight = tile_weight(tile, plan)
+        assert bool((weight > 0).all())
+        plan.add(blended, tile, torch.full((2, tile.height, tile.width), 3.0) * weight)
+        plan.add(total, tile, weight)
+        assert plan.crop(blended, tile).shape == (2, tile.height, tile.width)
+    assert bool((total > 0).all())
+    assert torch.allclose(blended / total, torch.full_like(blended, 3.0))
+
+
+def test_wrapping_tiles_fade_at_the_image_border_too():
+    plan = plan_tiles(16, 100, 16, 60, 8, wrap=True)
+    for tile in plan.tiles:
+        ramp = tile_weight(tile, plan)[0]
+        assert ramp[0] < 0.5 and ramp[-1] < 0.5  # every tile has a neighbour on both sides
+    assert max(t.left + t.width for t in plan.tiles) > 100  # the last one runs past the edge

@@ -135,3 +135,20 @@ def test_tiled_decode_bounds_peak_memory(tiny_weights):
     # the activations of a whole-image decode are not.
     assert tiled < 400, f"tiled decode grew RSS by {tiled:.0f} MB"
     assert tiled < untiled / 2.5, f"tiled {tiled:.0f} MB vs untiled {untiled:.0f} MB"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tile_size", [None, 128])
+def test_wrapped_decode_has_no_special_border(vae, tile_size):
+    """With wrap, decoding commutes with shifting the pattern: the image border is like any other place."""
+    z = vae_ops.encode(vae, pil_to_tensor(make_test_image(256, 192)), torch.Generator().manual_seed(0))
+
+    def shift_error(wrap: bool) -> float:
+        """Largest difference between decoding a shifted pattern and shifting the decoded one."""
+        shifted_first = vae_ops.decode(vae, z.roll((7, 11), (-2, -1)), tile_size, wrap=wrap)
+        shifted_after = vae_ops.decode(vae, z, tile_size, wrap=wrap).roll((56, 88), (-2, -1))
+        return float((shifted_first - shifted_after).abs().max())
+
+    # Measured: 0.075 untiled and 0.044 tiled with wrap; 0.46 without (the borders decode differently).
+    assert shift_error(wrap=True) < 0.15
+    assert shift_error(wrap=False) > 0.3

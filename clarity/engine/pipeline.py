@@ -46,6 +46,8 @@ class PassSettings:
     tile_batch_size: int
     seed: int
     vae_tile_size: int | None = None
+    #: Treat the image as one tile of a repeating pattern: everything wraps around its edges.
+    wrap: bool = False
 
 
 @dataclass
@@ -132,14 +134,16 @@ class TiledUpscalePipeline:
         started = time.perf_counter()
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         padded = pad_to_multiple(image, vae_ops.VAE_SCALE)
-        latents = self.prepare_latents(padded, scheduler, timesteps[:1], generator, settings.vae_tile_size)
+        latents = self.prepare_latents(
+            padded, scheduler, timesteps[:1], generator, settings.vae_tile_size, settings.wrap
+        )
         control_image = padded.to(device=self.device, dtype=self.controlnet.dtype)
         stats.seconds["vae_encode"] = time.perf_counter() - started
 
         # 5. Plan tiles
         plan = plan_tiles(
             latents.shape[-2], latents.shape[-1],
-            settings.max_tile_height, settings.max_tile_width, settings.min_tile_overlap,
+            settings.max_tile_height, settings.max_tile_width, settings.min_tile_overlap, settings.wrap,
         )
         stats.latent_size = (plan.width, plan.height)
         stats.tiles = len(plan.tiles)
@@ -165,7 +169,7 @@ class TiledUpscalePipeline:
 
         # 7. Decode, and crop the padding away.
         started = time.perf_counter()
-        result = vae_ops.decode(self.vae, latents, settings.vae_tile_size)[..., :height, :width].cpu()
+        result = vae_ops.decode(self.vae, latents, settings.vae_tile_size, settings.wrap)[..., :height, :width].cpu()
         vae_plan = vae_ops.tile_plan(latents.shape[-2], latents.shape[-1], settings.vae_tile_size)
         stats.vae_tiles = 1 if vae_plan is None else len(vae_plan.tiles)
         stats.seconds["vae_decode"] = time.perf_counter() - started
@@ -178,6 +182,9 @@ class TiledUpscalePipeline:
             raise ValueError(f"image must not be empty, got {tuple(image.shape)}")
         if not 0.0 <= settings.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
+        if settings.wrap and (image.shape[-2] % vae_ops.VAE_SCALE or image.shape[-1] % vae_ops.VAE_SCALE):
+            # Padding would break the period: the latent torus must be the image exactly.
+            raise ValueError(f"with wrap, image sides must be multiples of 8, got {tuple(image.shape[-2:])}")
 
     def prepare_timesteps(self, scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
         """The scheduler's last int(steps x strength) timesteps, as diffusers' img2img picks them."""
@@ -207,9 +214,10 @@ class TiledUpscalePipeline:
         first_timestep: torch.Tensor,
         generator: torch.Generator,
         vae_tile_size: int | None = None,
+        wrap: bool = False,
     ) -> torch.Tensor:
         """Encode `image` and add noise for `first_timestep`, drawing from `generator` like diffusers."""
-        latents = vae_ops.encode(self.vae, image, generator, vae_tile_size)
+        latents = vae_ops.encode(self.vae, image, generator, vae_tile_size, wrap)
         latents = latents.to(device=self.device, dtype=self.unet.dtype)
         noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
         return scheduler.add_noise(latents, noise, first_timestep.repeat(latents.shape[0]))
@@ -234,10 +242,8 @@ class TiledUpscalePipeline:
         do_cfg = prompt_embeds.shape[0] == 2
         for first in range(0, len(plan.tiles), settings.tile_batch_size):
             batch = plan.tiles[first:first + settings.tile_batch_size]
-            tiles = torch.cat([model_input[(..., *tile.latent_slice())] for tile in batch])
-            conditions = torch.cat(
-                [control_image[(..., *tile.pixel_slice(vae_ops.VAE_SCALE))] for tile in batch]
-            )
+            tiles = torch.cat([plan.crop(model_input, tile) for tile in batch])
+            conditions = torch.cat([plan.crop(control_image, tile, vae_ops.VAE_SCALE) for tile in batch])
             embeds = prompt_embeds.repeat_interleave(len(batch), dim=0)
             if do_cfg:
                 # Batch layout [uncond tiles..., cond tiles...], matching the embeddings above.
@@ -256,8 +262,8 @@ class TiledUpscalePipeline:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (cond - uncond)
             for tile, tile_noise, weight in zip(batch, noise, blend_weights[first:first + len(batch)], strict=True):
-                blended[(..., *tile.latent_slice())] += tile_noise.float() * weight
-                weights[tile.latent_slice()] += weight
+                plan.add(blended, tile, tile_noise.float() * weight)
+                plan.add(weights, tile, weight)
         return (blended / weights).to(latents.dtype)
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from clarity.engine.seamless import pad_periodic
 from clarity.params import COLOR_FIX_METHODS
 
 #: Levels of the wavelet decomposition: blurs of radius 1, 2, 4, 8, 16 px. What is coarser than
@@ -18,8 +19,10 @@ from clarity.params import COLOR_FIX_METHODS
 WAVELET_LEVELS = 5
 
 
-def color_fix(output: torch.Tensor, reference: torch.Tensor, method: str) -> torch.Tensor:
+def color_fix(output: torch.Tensor, reference: torch.Tensor, method: str, wrap: bool = False) -> torch.Tensor:
     """Match `output`'s colours to `reference` (both (1, 3, H, W) in [0, 1]) by `method`.
+
+    With `wrap` the images are periods of a repeating pattern and the blurs wrap around.
 
     - "wavelet": output's fine detail plus reference's coarse layers (StableSR's wavelet fix).
     - "adain": per-channel mean and standard deviation of output set to reference's.
@@ -32,20 +35,20 @@ def color_fix(output: torch.Tensor, reference: torch.Tensor, method: str) -> tor
         ref_mean, ref_std = reference.mean((-2, -1), keepdim=True), reference.std((-2, -1), keepdim=True)
         return ((output - out_mean) / (out_std + 1e-6) * ref_std + ref_mean).clamp(0, 1)
     if method == "wavelet":
-        detail, _ = _wavelet_split(output)
-        _, coarse = _wavelet_split(reference)
+        detail, _ = _wavelet_split(output, wrap)
+        _, coarse = _wavelet_split(reference, wrap)
         return (detail + coarse).clamp(0, 1)
     raise ValueError(f"unknown colour fix {method!r}; choose one of {', '.join(COLOR_FIX_METHODS)}")
 
 
-def _wavelet_split(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _wavelet_split(image: torch.Tensor, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(fine detail, coarse remainder) of `image`, with detail + coarse == image."""
     kernel = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=image.dtype, device=image.device) / 16
     kernel = kernel.expand(image.shape[1], 1, 3, 3)
     coarse = image
     for level in range(WAVELET_LEVELS):
         radius = 2**level
-        padded = F.pad(coarse, (radius,) * 4, mode="replicate")
+        padded = pad_periodic(coarse, radius) if wrap else F.pad(coarse, (radius,) * 4, mode="replicate")
         coarse = F.conv2d(padded, kernel, dilation=radius, groups=image.shape[1])
     return image - coarse, coarse
 

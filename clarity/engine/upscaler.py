@@ -24,6 +24,7 @@ from PIL import Image, ImageFilter
 from clarity.engine.pipeline import PassSettings, PassStats, TiledUpscalePipeline
 from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, lanczos
+from clarity.engine.seamless import crossfade_borders, filter_periodic, resize_periodic, seam_axes, snap_to_latent_grid
 from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS, ImageSource, join_from_model, load_image, split_for_model
 from clarity.params import ParamError, UpscaleParams
 
@@ -69,6 +70,8 @@ class UpscaleStats:
     passes: list[PassStats] = field(default_factory=list)
     #: What was retried with smaller settings after running out of memory, and how.
     retries: list[str] = field(default_factory=list)
+    #: With `pattern`: the axes ("x", "y") along which the input did not tile and was cross-faded.
+    pattern_crossfaded: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -238,8 +241,12 @@ class Upscaler:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
             raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
         started = time.perf_counter()
+        stats = UpscaleStats(model=self.name, tiny_model=self.tiny_model, device=str(self.device))
         source = split_for_model(load_image(image))
         rgb = shrink_to(source.rgb, params.downscaling_resolution) if params.downscaling else source.rgb
+        if params.pattern:
+            stats.pattern_crossfaded = seam_axes(rgb)
+            rgb = crossfade_borders(rgb, stats.pattern_crossfaded)
         width, height = output_size(rgb.size, params.scale_factor)
         if width * height > self.max_output_pixels:
             raise ParamError(
@@ -250,9 +257,8 @@ class Upscaler:
         keep = None
         if mask is not None:
             keep = keep_mask(load_image(mask, param="mask"), rgb.size, (width, height))
-            original = self.pre_upscaler(rgb, (width, height))
+            original = self._pre_upscale(rgb, (width, height), params.pattern)
         base_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-        stats = UpscaleStats(model=self.name, tiny_model=self.tiny_model, device=str(self.device))
         images = []
         for variant in range(num_images):
             seed = base_seed + variant
@@ -260,7 +266,10 @@ class Upscaler:
             run = partial(self._upscale_rgb, rgb, seed=seed, variant=variant, variants=num_images,
                           progress=progress, stats=stats)
             result = _with_memory_retries(run, params, stats, variant)
-            result = sharpen(result, params.sharpen)
+            if params.pattern:
+                result = filter_periodic(partial(sharpen, amount=params.sharpen), result, reach=1)
+            else:
+                result = sharpen(result, params.sharpen)
             if keep is not None:
                 result = Image.composite(original, result, keep)
             images.append(join_from_model(result, source))
@@ -286,9 +295,11 @@ class Upscaler:
             # The last pass targets the exact requested size, whatever rounding came before.
             scale = params.scale_factor if index == len(factors) - 1 else cumulative
             target = output_size(original_size, scale)
+            if params.pattern:
+                target = snap_to_latent_grid(target)
 
             started = time.perf_counter()
-            pre_upscaled = self.pre_upscaler(rgb, target)
+            pre_upscaled = self._pre_upscale(rgb, target, params.pattern)
             preupscale_seconds = time.perf_counter() - started
 
             settings = self._pass_settings(params, pass_index=index, seed=seed + index)
@@ -305,11 +316,17 @@ class Upscaler:
             pass_stats.seconds = {"pre_upscale": preupscale_seconds, **pass_stats.seconds}
             if pass_stats.denoising_steps > 0:
                 started = time.perf_counter()
-                result = color_fix(result, reference, params.color_fix)
+                result = color_fix(result, reference, params.color_fix, wrap=params.pattern)
                 pass_stats.seconds["color_fix"] = time.perf_counter() - started
             stats.passes.append(pass_stats)
             rgb = tensor_to_pil(result)
+        final_size = output_size(original_size, params.scale_factor)
+        if rgb.size != final_size:  # `pattern` diffused at sides rounded to multiples of 8
+            rgb = resize_periodic(lanczos, rgb, final_size)
         return rgb
+
+    def _pre_upscale(self, rgb: Image.Image, size: tuple[int, int], wrap: bool) -> Image.Image:
+        return resize_periodic(self.pre_upscaler, rgb, size) if wrap else self.pre_upscaler(rgb, size)
 
     @staticmethod
     def _pass_settings(params: UpscaleParams, pass_index: int, seed: int) -> PassSettings:
@@ -329,6 +346,7 @@ class Upscaler:
             tile_batch_size=params.tile_batch_size,
             seed=seed,
             vae_tile_size=params.vae_tile_size,
+            wrap=params.pattern,
         )
 
 

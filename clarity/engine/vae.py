@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from clarity.engine.seamless import crop_border, pad_periodic
 from clarity.engine.tiling import Tile, TilePlan, plan_tiles, tile_weight
 
 #: Pixels per latent pixel along each axis for SD-family VAEs.
@@ -91,15 +92,22 @@ def _group_norm_with(layer: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.T
 
 
 def encode(
-    vae: AutoencoderKL, image: torch.Tensor, generator: torch.Generator, tile_size: int | None = None
+    vae: AutoencoderKL,
+    image: torch.Tensor,
+    generator: torch.Generator,
+    tile_size: int | None = None,
+    wrap: bool = False,
 ) -> torch.Tensor:
     """Latents of `image` (1, 3, H, W in [0, 1], H and W multiples of 8), scaled for the UNet.
 
     Tiles of at most `tile_size` pixels when the image is larger (None: never tile). Samples
     the VAE's posterior with `generator` over the whole latent, as diffusers' img2img does, so
-    an untiled run can be compared with theirs number for number.
+    an untiled run can be compared with theirs number for number. With `wrap` the image is one
+    period of a repeating pattern: its borders see the opposite side as their neighbourhood.
     """
     pixels = (image * 2 - 1).to(device=vae.device, dtype=vae.dtype)
+    if wrap:
+        pixels = pad_periodic(pixels, ENCODER_CONTEXT * VAE_SCALE)
 
     def moments(x: torch.Tensor) -> torch.Tensor:
         encoded = vae.encoder(x)
@@ -116,13 +124,22 @@ def encode(
             stacked = _blend_tiles(
                 plan, lambda tile: _with_context(moments, pixels, tile, ENCODER_CONTEXT, VAE_SCALE, 1), 1
             )
+    if wrap:
+        stacked = crop_border(stacked, ENCODER_CONTEXT)
     posterior = DiagonalGaussianDistribution(stacked)
     return posterior.sample(generator) * vae.config.scaling_factor
 
 
-def decode(vae: AutoencoderKL, latents: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
-    """Pixels (1, 3, 8h, 8w in [0, 1], float32) of UNet-scaled `latents`, tiled above `tile_size` pixels."""
+def decode(
+    vae: AutoencoderKL, latents: torch.Tensor, tile_size: int | None = None, wrap: bool = False
+) -> torch.Tensor:
+    """Pixels (1, 3, 8h, 8w in [0, 1], float32) of UNet-scaled `latents`, tiled above `tile_size` pixels.
+
+    With `wrap`, `latents` are one period of a repeating pattern (see `encode`).
+    """
     z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    if wrap:
+        z = pad_periodic(z, DECODER_CONTEXT)
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
     plan = tile_plan(z.shape[-2], z.shape[-1], tile_size)
@@ -136,6 +153,8 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, tile_size: int | None = No
             pixels = _blend_tiles(
                 plan, lambda tile: _with_context(vae.decoder, z, tile, DECODER_CONTEXT, 1, VAE_SCALE), VAE_SCALE
             )
+    if wrap:
+        pixels = crop_border(pixels, DECODER_CONTEXT * VAE_SCALE)
     return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
 
