@@ -71,12 +71,12 @@ def test_every_single_file_format_loads_offline_to_the_same_model(files, referen
         assert loaded.scheduler_config[key] == reference.scheduler_config[key]
 
 
-def test_single_file_model_upscales_exactly_like_the_diffusers_folder(files, upscaler, no_network):
+@pytest.mark.parametrize("kind", ["safetensors", "pickles"])
+def test_single_file_model_upscales_exactly_like_the_diffusers_folder(files, upscaler, kind, no_network):
     from clarity import Upscaler
 
-    source = ModelSource(base=files / SINGLE_FILES["checkpoint"], controlnet=files / SINGLE_FILES["controlnet"])
     image = make_test_image(48, 40)
-    ours = Upscaler.from_pretrained(source, device="cpu").upscale(image, seed=3, **FAST).image
+    ours = Upscaler.from_pretrained(_sources(files)[kind], device="cpu").upscale(image, seed=3, **FAST).image
     theirs = upscaler.upscale(image, seed=3, **FAST).image
     assert ours.size == theirs.size == (96, 80)
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
@@ -196,6 +196,14 @@ def test_truncated_file_is_a_clear_error(files, tmp_path, name):
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(WeightsError, match=rf"{name}.*(truncated or corrupt)"):
         load_components(ModelSource(base=truncated, controlnet=_controlnet(files)), device="cpu")
+
+
+def test_corrupt_override_is_caught_before_loading(tiny_weights, tmp_path):
+    """The server's start-up check reads safetensors headers, so a bad VAE file stops it at once."""
+    corrupt = tmp_path / "vae-ft-mse-840000-ema-pruned.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(WeightsError, match="vae-ft-mse-840000-ema-pruned.safetensors is not a readable safetensors"):
+        check_source(ModelSource(base=tiny_weights, vae=corrupt))
 
 
 def test_checkpoint_needing_full_unpickling_is_refused(files, tmp_path):
