@@ -122,10 +122,8 @@ def check_source(source: ModelSource | str | Path) -> ModelSource:
             f" test model with `clarity weights tiny {base}` to try things out."
         )
     else:
-        parts = {name: base / name for name in REQUIRED_PARTS if name not in ("controlnet", "vae")}
-        for name, path in (("controlnet", source.controlnet), ("vae", source.vae)):
-            if path is None:
-                parts[name] = base / name
+        overridden = {"controlnet": source.controlnet, "vae": source.vae}
+        parts = {name: base / name for name in REQUIRED_PARTS if overridden.get(name) is None}
         missing = [f"{path}/ ({REQUIRED_PARTS[name]})" for name, path in parts.items() if not path.is_dir()]
         if missing:
             raise WeightsError(f"model {base} is incomplete; missing: {', '.join(missing)}. See weights/README.md.")

@@ -350,8 +350,11 @@ def _build(
     """Make a model without initialising its weights, then load `weights` as `dtype` into it, every key required."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
-        model = make()
+    try:
+        with init_empty_weights():
+            model = make()
+    except (ValueError, RuntimeError) as error:  # e.g. widths that no GroupNorm or head count divides
+        raise WeightsError(f"{path}: its {what} is not shaped like SD1.5's: {error}") from error
     weights = {key: value.to(dtype) for key, value in weights.items() if value is not None}
     result = model.load_state_dict(weights, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
