@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny", help="Write the tiny random SD1.5-shaped test model (no meaningful output; for tests and demos)."
     )
     tiny.add_argument("folder", type=Path, help="Where to write it, e.g. weights/tiny.")
+    tiny.add_argument("--format", choices=("diffusers", "single-file", "all"), default="diffusers",
+                      help="diffusers: the diffusers folder layout (default); single-file: original-format"
+                           " SD checkpoint, ControlNet and VAE files (.safetensors, .ckpt, .pth); all: both.")
 
     from clarity.serving.app import add_serve_arguments
 
@@ -80,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args)
         if args.command == "weights" and args.weights_command == "tiny":
-            from clarity.models.tiny import save_tiny_weights
+            from clarity.models.tiny import FORMATS, save_tiny_weights
 
-            save_tiny_weights(args.folder)
-            print(f"wrote the tiny test model to {args.folder}")
+            save_tiny_weights(args.folder, formats=FORMATS if args.format == "all" else (args.format,))
+            print(f"wrote the tiny test model ({args.format}) to {args.folder}")
             return 0
     except ParamError as error:
         print(f"clarity: error: {error}", file=sys.stderr)

@@ -10,8 +10,6 @@ detail: it proves plumbing and numerics, never image quality.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,19 +32,19 @@ _SCHEDULER_CONFIG = {
 }
 
 
-def _write_byte_level_tokenizer_files(folder: Path) -> None:
-    """Write a CLIP BPE vocabulary with no merges: every byte is its own token.
+def byte_level_tokenizer():
+    """A CLIP tokenizer whose BPE vocabulary has no merges: every byte is its own token.
 
-    The real CLIP vocabulary is a hub download; a byte-level one with the same special tokens
-    loads through the same `CLIPTokenizer` class and tokenises any text, one token per byte.
+    A stand-in for the 49408-token CLIP vocabulary that keeps the tiny text encoder's embedding
+    small; it loads through the same `CLIPTokenizer` class and tokenises any text, one token per byte.
     """
     from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
 
     byte_chars = sorted(ByteLevel.alphabet())
     tokens = ["<|startoftext|>", "<|endoftext|>", *byte_chars, *(c + "</w>" for c in byte_chars)]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    # Without model_max_length the pipeline would pad prompts to an effectively unlimited length.
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 #: The tiny VAE after a few minutes of training (see train_tiny_vae.py), shipped with the package.
@@ -70,6 +68,8 @@ def build_tiny_vae(seed: int = 0, trained: bool = True):
         block_out_channels=_VAE_WIDTHS,
         layers_per_block=2,
         latent_channels=4,
+        # Half the narrowest width: the rule single-file loading assumes (GroupNorm groups are not
+        # in the weights; single_file._norm_groups gives 32 for SD1.5 and this for the tiny model).
         norm_num_groups=4,
         sample_size=64,
         scaling_factor=0.18215,
@@ -95,16 +95,9 @@ def build_tiny_pipeline(seed: int = 0):
         StableDiffusionControlNetImg2ImgPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_byte_level_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer(
-            vocab=str(Path(tmp) / "vocab.json"),
-            merges=str(Path(tmp) / "merges.txt"),
-            # Without it the pipeline would pad prompts to an effectively unlimited length.
-            model_max_length=77,
-        )
+    tokenizer = byte_level_tokenizer()
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
@@ -113,6 +106,8 @@ def build_tiny_pipeline(seed: int = 0):
             hidden_size=_TEXT_WIDTH,
             intermediate_size=2 * _TEXT_WIDTH,
             num_hidden_layers=2,
+            # Two heads of half the width: the rule single-file loading assumes (head counts are not
+            # in the weights; single_file.text_encoder_config gives 12 for SD1.5 and this here).
             num_attention_heads=2,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
@@ -131,6 +126,8 @@ def build_tiny_pipeline(seed: int = 0):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=_TEXT_WIDTH,
+        # SD1.5's 8 heads per attention layer, and half the narrowest width as GroupNorm groups:
+        # neither is in the weights, and single-file loading assumes these (single_file.unet_config).
         attention_head_dim=8,
         norm_num_groups=8,
     )
@@ -175,16 +172,72 @@ def build_tiny_pipeline(seed: int = 0):
 TINY_MARKER = "CLARITY_TINY_MODEL"
 
 
-def save_tiny_weights(folder: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model to `folder` in the diffusers folder layout (safetensors files).
+#: The formats `save_tiny_weights` can write: the diffusers folder layout, and single files in the
+#: original Stable Diffusion format (safetensors, plus the pickled .ckpt/.pth kinds).
+FORMATS = ("diffusers", "single-file")
+#: The single files written by the "single-file" format, by role.
+SINGLE_FILES = {
+    "checkpoint": "tiny-sd15.safetensors",
+    "checkpoint_pickle": "tiny-sd15.ckpt",
+    "controlnet": "tiny-controlnet-tile.safetensors",
+    "controlnet_pickle": "tiny-controlnet-tile.pth",
+    "vae": "tiny-vae.safetensors",
+}
 
-    The layout is the one real weights use (see weights/README.md), so the same loader reads it.
+
+def save_tiny_weights(folder: str | Path, seed: int = 0, formats: tuple[str, ...] = ("diffusers",)) -> Path:
+    """Write the tiny model to `folder` in each of `formats` (see `FORMATS`); return `folder`.
+
+    "diffusers" writes the diffusers folder layout (safetensors files), the one real weights use
+    (see weights/README.md). "single-file" writes `SINGLE_FILES` into `folder`: a whole SD
+    checkpoint, a ControlNet and a VAE with the original key names, as studios keep real models.
+    Every format loads through the same `load_components`.
     """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"formats: unknown {unknown}; choose from {list(FORMATS)}")
     folder = Path(folder)
     pipeline = build_tiny_pipeline(seed)
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    (folder / TINY_MARKER).write_text(
-        "Tiny randomly initialised SD1.5-shaped test model made by `clarity weights tiny`.\n"
-        "It produces no meaningful detail; use it for tests and trying the server only.\n"
-    )
+    if "diffusers" in formats:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        (folder / TINY_MARKER).write_text(
+            "Tiny randomly initialised SD1.5-shaped test model made by `clarity weights tiny`.\n"
+            "It produces no meaningful detail; use it for tests and trying the server only.\n"
+        )
+    if "single-file" in formats:
+        folder.mkdir(parents=True, exist_ok=True)
+        _save_single_files(pipeline, folder)
     return folder
+
+
+def _save_single_files(pipeline, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from clarity.models.single_file import (
+        SCALING_FACTOR_KEY,
+        VAE_PREFIX,
+        controlnet_to_ldm,
+        text_encoder_to_ldm,
+        unet_to_ldm,
+        vae_to_ldm,
+    )
+
+    # The trained tiny VAE's scaling factor is not SD1.5's and not in its weights: record it.
+    metadata = {TINY_MARKER: "1", SCALING_FACTOR_KEY: repr(pipeline.vae.config.scaling_factor)}
+    checkpoint = {
+        **unet_to_ldm(pipeline.unet),
+        **vae_to_ldm(pipeline.vae, prefix=VAE_PREFIX),
+        **text_encoder_to_ldm(pipeline.text_encoder),
+    }
+    controlnet = controlnet_to_ldm(pipeline.controlnet)
+
+    def contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.contiguous() for key, value in tensors.items()}
+
+    save_file(contiguous(checkpoint), folder / SINGLE_FILES["checkpoint"], metadata=metadata)
+    save_file(contiguous(controlnet), folder / SINGLE_FILES["controlnet"])
+    save_file(contiguous(vae_to_ldm(pipeline.vae)), folder / SINGLE_FILES["vae"], metadata=metadata)
+    # The pickled kinds as the original tools wrote them: Lightning's {"state_dict": ...} for the
+    # checkpoint (metadata as top-level strings), a bare state dict for the ControlNet.
+    torch.save({"state_dict": checkpoint, **metadata}, folder / SINGLE_FILES["checkpoint_pickle"])
+    torch.save(controlnet, folder / SINGLE_FILES["controlnet_pickle"])
