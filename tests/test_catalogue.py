@@ -92,6 +92,14 @@ def test_badly_named_models_are_refused_with_a_valid_name(tmp_path, name, sugges
         Catalogue.discover(tmp_path)
 
 
+def test_pickle_checkpoints_are_refused_not_skipped(tiny_weights, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "clarity-upscaler").symlink_to(tiny_weights)
+    (tmp_path / "models" / "epicrealism.ckpt").write_bytes(b"pickle")
+    with pytest.raises(WeightsError, match=r"pickle checkpoints \(epicrealism.ckpt\).*convert them to .safetensors"):
+        Catalogue.discover(tmp_path)
+
+
 def test_missing_and_empty_weights_say_what_to_do(tiny_weights, tmp_path):
     with pytest.raises(WeightsError, match="clarity weights tiny"):
         Catalogue.discover(tmp_path / "nowhere")

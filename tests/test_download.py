@@ -164,3 +164,8 @@ def test_offline_it_fails_at_once_saying_what_to_copy_where(tmp_path, monkeypatc
                                 ("upscalers", "philz1337x/upscaler")]:
         assert f"{tmp_path / destination}/  <-  {source}" in err
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_model_folder_is_not_a_download_target(tiny_weights, capsys):
+    assert main(["weights", "download", "--weights", str(tiny_weights)]) == 1
+    assert "is a model folder, not a weights root" in capsys.readouterr().err

@@ -13,8 +13,8 @@ A folder with `unet/` in it is one model, served as `clarity-upscaler` (`DEFAULT
 with its ControlNet and VAE inside; any other folder is a root. In a root, a model folder's
 own `controlnet/` wins over the shared one (a ControlNet is not part of a checkpoint), while
 the shared `vae/` replaces every model's own VAE (it is there to override them). The default
-model is `clarity-upscaler` when present, else the first id in alphabetical order, unless
-chosen explicitly.
+model is `clarity-upscaler` when present, else the first id in alphabetical order (the first
+of those selected, when only some are), unless chosen explicitly.
 
 `inspect_weights` checks what is installed for `clarity weights list`: cheaply by default
 (files present, safetensors headers readable, the tensors each part must have), or by really
@@ -42,6 +42,8 @@ DEFAULT_MODEL_ID = "clarity-upscaler"
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 #: Files a ControlNet or VAE may be when it is not a diffusers folder.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".pth", ".ckpt")
+#: Checkpoint files refused in models/ rather than skipped, so a model never silently goes missing.
+PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 #: The optional folders of a root, by the `Catalogue` field that holds them.
 EXTRA_FOLDERS = {"loras": "loras", "embeddings": "embeddings", "upscalers": "upscalers",
                  "safety_checker": "safety_checker"}
@@ -109,7 +111,7 @@ class Catalogue:
         elif self.default_model in chosen:
             default = self.default_model
         else:
-            default = DEFAULT_MODEL_ID if DEFAULT_MODEL_ID in chosen else next(iter(chosen))
+            default = next(iter(chosen))  # the first of `models`
         return replace(self, models=chosen, default_model=default)
 
     def model_id(self, requested: str | None, param: str = "model") -> str:
@@ -147,6 +149,10 @@ def suggested_id(name: str) -> str:
 def _discover_models(root: Path) -> dict[str, ModelSource]:
     folder = root / "models"
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    pickles = [p.name for p in entries if p.suffix in PICKLE_CHECKPOINT_SUFFIXES]
+    if pickles:
+        raise WeightsError(f"{folder}/ holds pickle checkpoints ({', '.join(pickles)}), which are not loaded because"
+                           " loading a pickle can run code; convert them to .safetensors (see weights/README.md)")
     candidates = [p for p in entries if p.is_dir() or p.suffix == ".safetensors"]
     if not candidates:
         raise WeightsError(f"no models in {folder}/. " + _no_models_hint(root))

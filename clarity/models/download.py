@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from clarity.models.catalogue import DEFAULT_MODEL_ID
+from clarity.models.loading import WeightsError
 
 #: Seconds to wait for the hub's file listing before calling it unreachable.
 HUB_TIMEOUT_SECONDS = 10.0
@@ -244,8 +245,11 @@ def download(
     fetch_file: Callable[[PlannedFile, Path], str] = fetch,
     out: Any = sys.stdout,
 ) -> list[PlannedFile]:
-    """Fetch `wanted` into `root`; raises `HubUnreachable` (with `offline_instructions`) when offline."""
+    """Fetch `wanted` into the weights root `root`; `HubUnreachable` (with `offline_instructions`) when offline."""
     root = Path(root)
+    if (root / "unet").is_dir():
+        # Files put in a model folder would never be found: it is read as that one model.
+        raise WeightsError(f"{root} is a model folder, not a weights root; download into another folder")
     wanted = list(wanted)
     try:
         planned = plan(root, wanted, list_files)
