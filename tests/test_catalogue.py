@@ -92,14 +92,6 @@ def test_badly_named_models_are_refused_with_a_valid_name(tmp_path, name, sugges
         Catalogue.discover(tmp_path)
 
 
-def test_pickle_checkpoints_are_refused_not_skipped(tiny_weights, tmp_path):
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "clarity-upscaler").symlink_to(tiny_weights)
-    (tmp_path / "models" / "epicrealism.ckpt").write_bytes(b"pickle")
-    with pytest.raises(WeightsError, match=r"pickle checkpoints \(epicrealism.ckpt\).*convert them to .safetensors"):
-        Catalogue.discover(tmp_path)
-
-
 def test_missing_and_empty_weights_say_what_to_do(tiny_weights, tmp_path):
     with pytest.raises(WeightsError, match="clarity weights tiny"):
         Catalogue.discover(tmp_path / "nowhere")
@@ -160,7 +152,9 @@ def test_single_file_checkpoints_are_listed(root, tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
               tmp_path / "models" / "juggernaut.safetensors")
     (tmp_path / "models" / "corrupt.safetensors").write_bytes(b"junk")
+    (tmp_path / "models" / "epicrealism.ckpt").write_bytes(b"pickle")
     catalogue = Catalogue.discover(tmp_path)
+    assert list(catalogue.models) == ["corrupt", "epicrealism", "juggernaut"]
     assert catalogue.source("juggernaut") == ModelSource(base=tmp_path / "models" / "juggernaut.safetensors",
                                                          controlnet=tmp_path / "controlnet")
     entries = {entry.name: entry for entry in inspect_weights(catalogue)}

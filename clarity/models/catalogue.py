@@ -4,7 +4,7 @@
 
     weights/
       models/<model-id>/               diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)
-      models/<model-id>.safetensors    single-file SD1.5 checkpoint
+      models/<model-id>.safetensors    single-file SD1.5 checkpoint (or .ckpt)
       controlnet/                      ControlNet tile: a diffusers folder, or one checkpoint file inside
       vae/                             optional VAE override for every model (folder or one file inside)
       loras/  embeddings/  upscalers/  safety_checker/     optional
@@ -40,10 +40,9 @@ from clarity.params import ParamError
 DEFAULT_MODEL_ID = "clarity-upscaler"
 #: What a model id may look like: lower case, digits, `.`, `_`, `-`; no path separators, no leading dot.
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-#: Files a ControlNet or VAE may be when it is not a diffusers folder.
-SINGLE_FILE_SUFFIXES = (".safetensors", ".pth", ".ckpt")
-#: Checkpoint files refused in models/ rather than skipped, so a model never silently goes missing.
-PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+#: Single-file checkpoints (a model in models/, or the one file in controlnet/ or vae/). Pickles
+#: (all but .safetensors) are for the loader to read safely (tensors only), never unpickled here.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt")
 #: The optional folders of a root, by the `Catalogue` field that holds them.
 EXTRA_FOLDERS = {"loras": "loras", "embeddings": "embeddings", "upscalers": "upscalers",
                  "safety_checker": "safety_checker"}
@@ -149,11 +148,7 @@ def suggested_id(name: str) -> str:
 def _discover_models(root: Path) -> dict[str, ModelSource]:
     folder = root / "models"
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-    pickles = [p.name for p in entries if p.suffix in PICKLE_CHECKPOINT_SUFFIXES]
-    if pickles:
-        raise WeightsError(f"{folder}/ holds pickle checkpoints ({', '.join(pickles)}), which are not loaded because"
-                           " loading a pickle can run code; convert them to .safetensors (see weights/README.md)")
-    candidates = [p for p in entries if p.is_dir() or p.suffix == ".safetensors"]
+    candidates = [p for p in entries if p.is_dir() or p.suffix in SINGLE_FILE_SUFFIXES]
     if not candidates:
         raise WeightsError(f"no models in {folder}/. " + _no_models_hint(root))
     controlnet = _part_location(root / "controlnet")
@@ -279,7 +274,7 @@ def _inspect_model(catalogue: Catalogue, model_id: str, load: bool) -> WeightsEn
 
 
 def _model_problem(source: ModelSource) -> str | None:
-    if source.base.is_file():
+    if source.base.suffix == ".safetensors":  # a pickle only the loader may open (tensors only)
         problem = _safetensors_problem(source.base, EXPECTED_TENSORS["checkpoint"], "an SD1.5 checkpoint")
         if problem:
             return problem
