@@ -63,10 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = commands.add_parser("weights", help="Manage model weights.")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
-    tiny = weights_commands.add_parser(
-        "tiny", help="Write the tiny random SD1.5-shaped test model (no meaningful output; for tests and demos)."
-    )
-    tiny.add_argument("folder", type=Path, help="Where to write it, e.g. weights/tiny.")
     listing = weights_commands.add_parser(
         "list", help="List installed models and extras with their size and whether they are usable."
     )
@@ -81,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--extras", action="store_true",
                        help="Also the 4x-UltraSharp ESRGAN pre-upscaler and the more_details LoRA.")
     fetch.add_argument("--safety-checker", action="store_true", help="Also the SD safety checker.")
+    tiny = weights_commands.add_parser(
+        "tiny", help="Write the tiny random SD1.5-shaped test model (no meaningful output; for tests and demos)."
+    )
+    tiny.add_argument("folder", type=Path, help="Where to write it, e.g. weights/tiny.")
 
     from clarity.serving.app import add_serve_arguments
 
