@@ -59,8 +59,12 @@ def hub_file(path: str, content: bytes) -> dl.HubFile:
     return dl.HubFile(path, len(content), None, blob)
 
 
-def fake_listing(component: dl.Component) -> list[dl.HubFile]:
-    return [hub_file(path, content) for path, content in REPOS[component.repo_id].items()]
+#: The commit every fake repository is listed at.
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_listing(component: dl.Component) -> dl.RepoListing:
+    return dl.RepoListing(COMMIT, [hub_file(path, content) for path, content in REPOS[component.repo_id].items()])
 
 
 @pytest.fixture
@@ -70,6 +74,7 @@ def fake_hub(monkeypatch, tmp_path):
     corrupt: set[str] = set()
 
     def hf_hub_download(repo_id, filename, *, revision, cache_dir):
+        assert revision == COMMIT  # the listed commit, not a branch that may have moved since
         calls.append(f"{repo_id}/{filename}")
         blob = Path(cache_dir) / "blobs" / repo_id / filename
         blob.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +122,7 @@ def test_a_folder_with_pickle_weights_only_is_refused(tmp_path):
     component = dl.Component("old", "someone/old", "main", "vae", folders=("",))
     listing = [hub_file("config.json", b"{}"), hub_file("diffusion_pytorch_model.bin", b"pickle")]
     with pytest.raises(FileNotFoundError, match="pickle weights only"):
-        dl.plan(tmp_path, [component], lambda c: listing)
+        dl.plan(tmp_path, [component], lambda c: dl.RepoListing(COMMIT, listing))
 
 
 def test_download_checks_checksums_places_files_and_skips_them_next_time(tmp_path, fake_hub):

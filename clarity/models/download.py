@@ -4,7 +4,7 @@ The plan (which repository, which files, where each lands under the weights root
 from the hub's file listing, so it only fetches what loading needs: configs, the tokenizer,
 and one safetensors file per part (the fp16 copy where the repository has one; it is stored
 under the plain name, which the loader reads, and upcast on the CPU). Files download into
-`<root>/.cache/huggingface` with huggingface_hub (progress bars, interrupted downloads resume),
+`<root>/.cache/huggingface` from the commit that was listed, with huggingface_hub (progress bars, interrupted downloads resume),
 each is checked against the hub's checksum (sha256 for large files, the git blob hash for
 small ones), then hard-linked (or copied) into place. A file already in place with the right
 checksum is not fetched again.
@@ -94,8 +94,18 @@ class HubFile:
 
 
 @dataclass(frozen=True)
+class RepoListing:
+    """A repository's files at one commit, as the hub lists them."""
+
+    #: The commit the listing is of; every file is then fetched from it, so that the files and
+    #: checksums stay consistent even if the branch moves during the download.
+    commit: str
+    files: list[HubFile]
+
+
+@dataclass(frozen=True)
 class PlannedFile:
-    """One download: `filename` of `repo_id` at `revision`, stored at `target`."""
+    """One download: `filename` of `repo_id` at commit `revision`, stored at `target`."""
 
     component: str
     repo_id: str
@@ -144,20 +154,21 @@ def select_files(component: Component, listing: Iterable[HubFile]) -> list[tuple
     return chosen
 
 
-def plan(root: str | Path, wanted: Iterable[Component], list_files: Callable[[Component], list[HubFile]]
+def plan(root: str | Path, wanted: Iterable[Component], list_files: Callable[[Component], RepoListing]
          ) -> list[PlannedFile]:
     """Every file to fetch for `wanted` into `root`, from `list_files(component)` (the hub's listing)."""
     root = Path(root)
     planned = []
     for component in wanted:
-        for hub_file, relative in select_files(component, list_files(component)):
-            planned.append(PlannedFile(component.name, component.repo_id, component.revision, hub_file.path,
+        listing = list_files(component)
+        for hub_file, relative in select_files(component, listing.files):
+            planned.append(PlannedFile(component.name, component.repo_id, listing.commit, hub_file.path,
                                        root / component.target / relative, hub_file.size, hub_file.sha256,
                                        hub_file.blob_id))
     return planned
 
 
-def hub_listing(component: Component) -> list[HubFile]:
+def hub_listing(component: Component) -> RepoListing:
     """The hub's listing of `component`'s repository, with sizes and checksums; `HubUnreachable` if offline."""
     from huggingface_hub import HfApi, constants
 
@@ -168,8 +179,9 @@ def hub_listing(component: Component) -> list[HubFile]:
                                   timeout=HUB_TIMEOUT_SECONDS)
     except _network_errors() as error:
         raise HubUnreachable(f"cannot reach {constants.ENDPOINT}: {error}") from error
-    return [HubFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None, s.blob_id)
-            for s in info.siblings or []]
+    files = [HubFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None, s.blob_id)
+             for s in info.siblings or []]
+    return RepoListing(info.sha or component.revision, files)
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -241,7 +253,7 @@ def offline_instructions(root: str | Path, wanted: Iterable[Component]) -> str:
 def download(
     root: str | Path,
     wanted: Iterable[Component],
-    list_files: Callable[[Component], list[HubFile]] = hub_listing,
+    list_files: Callable[[Component], RepoListing] = hub_listing,
     fetch_file: Callable[[PlannedFile, Path], str] = fetch,
     out: Any = sys.stdout,
 ) -> list[PlannedFile]:
