@@ -30,11 +30,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clarity.models.loading import ModelSource, WeightsError, check_model_folder, load_components
-from clarity.models.tiny import TINY_MARKER
 from clarity.params import ParamError
+
+# clarity.models.loading and .tiny import torch, which takes seconds: they are imported where
+# used, so that `clarity weights download` can fail offline at once and `--help` stays fast.
+if TYPE_CHECKING:
+    from clarity.models.loading import ModelSource
 
 #: The id of a model folder given directly, and the preferred default in a root.
 DEFAULT_MODEL_ID = "clarity-upscaler"
@@ -78,6 +81,8 @@ class Catalogue:
         Raises `WeightsError` when `path` holds no model or a file is misnamed, and `ParamError`
         naming `models` / `default_model` when those ask for ids that are not there.
         """
+        from clarity.models.loading import ModelSource, WeightsError
+
         root = Path(path)
         if not root.exists():
             raise WeightsError(
@@ -127,6 +132,8 @@ class Catalogue:
 
     def is_tiny(self, model_id: str) -> bool:
         """Whether `model_id` is the tiny test model (whose output has no meaningful detail)."""
+        from clarity.models.tiny import TINY_MARKER
+
         return (self.models[model_id].base / TINY_MARKER).exists()
 
 
@@ -146,6 +153,8 @@ def suggested_id(name: str) -> str:
 
 
 def _discover_models(root: Path) -> dict[str, ModelSource]:
+    from clarity.models.loading import ModelSource, WeightsError
+
     folder = root / "models"
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     candidates = [p for p in entries if p.is_dir() or p.suffix in SINGLE_FILE_SUFFIXES]
@@ -171,6 +180,8 @@ def _discover_models(root: Path) -> dict[str, ModelSource]:
 
 def _part_location(folder: Path) -> Path:
     """A ControlNet or VAE folder: itself when in diffusers layout, else the one checkpoint file in it."""
+    from clarity.models.loading import WeightsError
+
     if (folder / "config.json").exists() or not folder.is_dir():
         return folder
     files = sorted(p for p in folder.iterdir() if p.suffix in SINGLE_FILE_SUFFIXES)
@@ -256,6 +267,8 @@ def _entry(root: Path, kind: str, path: Path, problem: str | None, notes: tuple[
 
 
 def _inspect_model(catalogue: Catalogue, model_id: str, load: bool) -> WeightsEntry:
+    from clarity.models.loading import WeightsError, load_components
+
     source = catalogue.models[model_id]
     notes = ("default",) if model_id == catalogue.default_model else ()
     if catalogue.is_tiny(model_id):
@@ -274,6 +287,8 @@ def _inspect_model(catalogue: Catalogue, model_id: str, load: bool) -> WeightsEn
 
 
 def _model_problem(source: ModelSource) -> str | None:
+    from clarity.models.loading import WeightsError, check_model_folder
+
     if source.base.suffix == ".safetensors":  # a pickle only the loader may open (tensors only)
         problem = _safetensors_problem(source.base, EXPECTED_TENSORS["checkpoint"], "an SD1.5 checkpoint")
         if problem:

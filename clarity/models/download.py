@@ -4,10 +4,10 @@ The plan (which repository, which files, where each lands under the weights root
 from the hub's file listing, so it only fetches what loading needs: configs, the tokenizer,
 and one safetensors file per part (the fp16 copy where the repository has one; it is stored
 under the plain name, which the loader reads, and upcast on the CPU). Files download into
-`<root>/.cache/huggingface` from the commit that was listed, with huggingface_hub (progress bars, interrupted downloads resume),
-each is checked against the hub's checksum (sha256 for large files, the git blob hash for
-small ones), then hard-linked (or copied) into place. A file already in place with the right
-checksum is not fetched again.
+`<root>/.cache/huggingface` from the commit that was listed, with huggingface_hub (progress
+bars, interrupted downloads resume); each is checked against the hub's checksum (sha256 for
+large files, the git blob hash for small ones), then hard-linked (or copied) into place. A
+file already in place with the right checksum is not fetched again.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from clarity.models.catalogue import DEFAULT_MODEL_ID
-from clarity.models.loading import WeightsError
 
 #: Seconds to wait for the hub's file listing before calling it unreachable.
 HUB_TIMEOUT_SECONDS = 10.0
@@ -261,6 +260,8 @@ def download(
     root = Path(root)
     if (root / "unet").is_dir():
         # Files put in a model folder would never be found: it is read as that one model.
+        from clarity.models.loading import WeightsError
+
         raise WeightsError(f"{root} is a model folder, not a weights root; download into another folder")
     wanted = list(wanted)
     try:
