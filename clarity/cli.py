@@ -1,4 +1,4 @@
-"""The `clarity` command: `upscale`, `weights tiny`.
+"""The `clarity` command: `upscale`, `serve`, `weights list | download | tiny`.
 
 argparse (standard library, no extra dependency) with options generated from
 `UpscaleParams`' fields, so every engine parameter is a flag with its documented default and
@@ -15,8 +15,11 @@ from typing import get_type_hints
 
 from clarity.params import ParamError, UpscaleParams, param_fields
 
-#: Where the CLI and server look for a model when no --weights is given.
-DEFAULT_WEIGHTS = os.environ.get("CLARITY_WEIGHTS", "weights/clarity-upscaler")
+#: Where the CLI and server look for weights when no --weights is given: a weights root or
+#: one model folder (see clarity/models/catalogue.py).
+DEFAULT_WEIGHTS = os.environ.get("CLARITY_WEIGHTS", "weights")
+#: The --weights help shared by every command that reads weights.
+WEIGHTS_HELP = f"Weights root or one model folder (default: {DEFAULT_WEIGHTS}, or $CLARITY_WEIGHTS)."
 
 #: Short spellings users expect, for the most used parameters.
 _ALIASES = {"scale_factor": ["--scale"], "num_inference_steps": ["--steps"]}
@@ -49,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     upscale = commands.add_parser("upscale", help="Upscale one image file.")
     upscale.add_argument("input", type=Path, help="Image to upscale (PNG, JPEG, WebP, ...).")
     upscale.add_argument("-o", "--output", type=Path, required=True, help="Where to write the result.")
-    upscale.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS),
-                         help=f"Model folder (default: {DEFAULT_WEIGHTS}, or $CLARITY_WEIGHTS).")
+    upscale.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help=WEIGHTS_HELP)
+    upscale.add_argument("--model", default=None,
+                         help="Model id in the weights root (default: clarity-upscaler if present, else the first).")
     upscale.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
     upscale.add_argument("--quality", type=int, default=None, help="Quality 0-100 for JPEG/WebP/AVIF outputs.")
     upscale.add_argument("--mask", type=Path, default=None,
@@ -59,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = commands.add_parser("weights", help="Manage model weights.")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    listing = weights_commands.add_parser(
+        "list", help="List installed models and extras with their size and whether they are usable."
+    )
+    listing.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help=WEIGHTS_HELP)
+    listing.add_argument("--check", action="store_true",
+                         help="Really load every model on the CPU (slow) instead of checking files and headers.")
+    fetch = weights_commands.add_parser(
+        "download", help="Download the recommended weights from the Hugging Face hub (checksummed, resumable)."
+    )
+    fetch.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help="Weights root to fill"
+                       f" (default: {DEFAULT_WEIGHTS}, or $CLARITY_WEIGHTS).")
+    fetch.add_argument("--extras", action="store_true",
+                       help="Also the 4x-UltraSharp ESRGAN pre-upscaler and the more_details LoRA.")
+    fetch.add_argument("--safety-checker", action="store_true", help="Also the SD safety checker.")
     tiny = weights_commands.add_parser(
         "tiny", help="Write the tiny random SD1.5-shaped test model (no meaningful output; for tests and demos)."
     )
@@ -88,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             save_tiny_weights(args.folder, formats=FORMATS if args.format == "all" else (args.format,))
             print(f"wrote the tiny test model ({args.format}) to {args.folder}")
             return 0
+        if args.command == "weights" and args.weights_command == "list":
+            return _weights_list(args)
+        if args.command == "weights" and args.weights_command == "download":
+            return _weights_download(args)
     except ParamError as error:
         print(f"clarity: error: {error}", file=sys.stderr)
         return 2
@@ -102,6 +124,7 @@ def _upscale(args: argparse.Namespace) -> int:
 
     from clarity import ProgressEvent, Upscaler
     from clarity.imageio import OUTPUT_FORMATS, encode_image
+    from clarity.models.catalogue import Catalogue, upscaler_kwargs
 
     params = UpscaleParams.from_strings({f.name: getattr(args, f.name) for f in param_fields()})
     # Checked before minutes of work, not after.
@@ -110,7 +133,9 @@ def _upscale(args: argparse.Namespace) -> int:
         choices = ", ".join(OUTPUT_FORMATS)
         raise ParamError("output", f"unsupported extension {args.output.suffix!r}; use one of {choices}")
 
-    upscaler = Upscaler.from_pretrained(args.weights, device=args.device)
+    catalogue = Catalogue.discover(args.weights)
+    model_id = catalogue.model_id(args.model)
+    upscaler = Upscaler.from_pretrained(**upscaler_kwargs(catalogue, model_id), device=args.device)
     if upscaler.tiny_model:
         print("note: using the tiny test model; its output has no meaningful detail", file=sys.stderr)
 
@@ -132,6 +157,48 @@ def _upscale(args: argparse.Namespace) -> int:
         f" tiles per pass {[p.tiles for p in stats.passes]}"
     )
     return 0
+
+
+def _weights_list(args: argparse.Namespace) -> int:
+    from clarity.models.catalogue import Catalogue, inspect_weights
+
+    catalogue = Catalogue.discover(args.weights)
+    entries = inspect_weights(catalogue, load=args.check)
+    rows = [("KIND", "NAME", "SIZE", "STATUS")]
+    for entry in entries:
+        status = "ok" if entry.ok else "BROKEN"
+        notes = ", ".join(entry.notes)
+        rows.append((entry.kind, entry.name, _human_size(entry.size_bytes), f"{status} ({notes})" if notes else status))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    layout = "single model folder" if catalogue.single_model else "weights root"
+    print(f"{catalogue.root} ({layout}; {'loaded' if args.check else 'files and headers checked'})")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    broken = [entry for entry in entries if not entry.ok]
+    for entry in broken:
+        print(f"clarity: error: {entry.kind} {entry.name}: {entry.problem}", file=sys.stderr)
+    return 1 if broken else 0
+
+
+def _weights_download(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from clarity.models.download import ChecksumError, HubUnreachable, components, download
+
+    try:
+        download(args.weights, components(extras=args.extras, safety_checker=args.safety_checker))
+    except (HubUnreachable, ChecksumError, HfHubHTTPError) as error:
+        print(f"clarity: error: {error}", file=sys.stderr)
+        return 1
+    print(f"done; check with `clarity weights list --weights {args.weights}`")
+    return 0
+
+
+def _human_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 if __name__ == "__main__":

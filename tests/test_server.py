@@ -18,6 +18,8 @@ from conftest import make_test_image, running_server
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from clarity.models.catalogue import Catalogue
+from clarity.params import ParamError
 from clarity.serving.app import build_server
 from clarity.serving.files import FileStore
 
@@ -315,7 +317,7 @@ def test_serve_exits_at_once_without_weights(tmp_path_factory, capsys):
     assert "clarity weights tiny" in capsys.readouterr().err
 
 
-def test_engine_failure_is_a_500_without_internals(tmp_path_factory):
+def test_engine_failure_is_a_500_without_internals(tiny_weights, tmp_path_factory):
     from fastapi import HTTPException
 
     from clarity.params import UpscaleParams
@@ -326,8 +328,8 @@ def test_engine_failure_is_a_500_without_internals(tmp_path_factory):
         def upscale(self, *args, **kwargs):
             raise RuntimeError("CUDA out of memory at /secret/path")
 
-    api = UpscaleAPI("unused", tmp_path_factory.mktemp("out"), "http://x", 60)
-    api.upscaler = Broken()
+    api = UpscaleAPI(Catalogue.discover(tiny_weights), tmp_path_factory.mktemp("out"), "http://x", 60)
+    api.upscalers = {"clarity-upscaler": Broken()}
     with pytest.raises(HTTPException) as caught:
         api.predict(EditRequest(image=make_test_image(8, 8), params=UpscaleParams()))
     assert caught.value.status_code == 500
@@ -342,7 +344,8 @@ def test_an_upscale_over_the_compute_budget_is_stopped_with_a_504(tiny_weights, 
     from clarity.serving.api import UpscaleAPI
     from clarity.serving.openai import EditRequest
 
-    api = UpscaleAPI(tiny_weights, tmp_path_factory.mktemp("out"), "http://testserver", 60, max_compute_seconds=1e-9)
+    api = UpscaleAPI(Catalogue.discover(tiny_weights), tmp_path_factory.mktemp("out"), "http://testserver", 60,
+                     max_compute_seconds=1e-9)
     api.setup("cpu")
     request = EditRequest(image=Image.open(io.BytesIO(png_bytes())), params=UpscaleParams(**FAST))
     with pytest.raises(HTTPException) as caught:
@@ -353,3 +356,92 @@ def test_an_upscale_over_the_compute_budget_is_stopped_with_a_504(tiny_weights, 
     _, result = api.predict(request)  # without a budget the same request completes
     assert result.image.size == (80, 64)
 
+
+
+# --- several models ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weights_root(tiny_weights, tmp_path_factory):
+    """A weights root with two different tiny models: the default (linked in) and `other` (another seed)."""
+    from clarity.models.tiny import save_tiny_weights
+
+    root = tmp_path_factory.mktemp("root")
+    (root / "models").mkdir()
+    (root / "models" / "clarity-upscaler").symlink_to(tiny_weights)
+    save_tiny_weights(root / "models" / "other", seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def multi(weights_root, tmp_path_factory):
+    """The SDK on a server of both models of `weights_root` (no key)."""
+    with running_server(weights_root, tmp_path_factory.mktemp("multi-outputs")) as http_client:
+        yield openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http_client,
+                            max_retries=0)
+
+
+def _pixels(client, **fields) -> np.ndarray:
+    """The b64 result of one fast, seeded edit with extra form `fields` (model, sd_model, ...)."""
+    response = client.images.edit(image=("a.png", png_bytes(), "image/png"), prompt="x", response_format="b64_json",
+                                  extra_body={**FAST, "seed": 3, **fields})
+    return np.asarray(decode(response.data[0].b64_json), dtype=np.int16)
+
+
+def test_every_model_of_the_root_is_listed(multi):
+    assert [model.id for model in multi.models.list()] == ["clarity-upscaler", "other"]
+    assert multi.models.retrieve("other").id == "other"
+    with pytest.raises(openai.NotFoundError):
+        multi.models.retrieve("nope")
+
+
+def test_model_and_its_sd_model_alias_select_the_model(multi):
+    default = _pixels(multi)
+    assert np.array_equal(_pixels(multi, model="clarity-upscaler"), default)
+    other = _pixels(multi, model="other")
+    # Different weights, same seed and settings: a different image (the tiny models differ only
+    # in their random UNet and ControlNet, so not by much).
+    assert not np.array_equal(other, default)
+    assert np.array_equal(_pixels(multi, sd_model="other"), other)
+    assert np.array_equal(_pixels(multi, model="other", sd_model="other"), other)
+
+
+def test_unknown_or_conflicting_model_names_the_field(multi):
+    with pytest.raises(openai.NotFoundError) as caught:
+        _pixels(multi, sd_model="juggernaut_reborn")
+    assert caught.value.code == "model_not_found" and caught.value.param == "sd_model"
+    assert "`clarity-upscaler`, `other`" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        _pixels(multi, model="other", sd_model="clarity-upscaler")
+    assert caught.value.param == "sd_model"
+
+
+def test_models_and_default_model_choose_what_is_served(weights_root, tmp_path_factory):
+    server = build_server(weights_root, models=["other"], accelerator="cpu",
+                          output_dir=tmp_path_factory.mktemp("only-other"))
+    http_client = TestClient(server.app)
+    assert [entry["id"] for entry in http_client.get("/v1/models").json()["data"]] == ["other"]
+    assert http_client.get("/v1/models/clarity-upscaler").status_code == 404
+    assert http_client.get("/info").json()["model"]["default_model"] == "other"
+    with pytest.raises(ParamError, match="default_model"):
+        build_server(weights_root, models=["other"], default_model="clarity-upscaler", accelerator="cpu")
+
+
+def test_serve_flags_choose_the_models(weights_root, monkeypatch, capsys):
+    import signal
+
+    from clarity.serving import app
+
+    built: dict = {}
+
+    class NotRun:
+        def run(self, **options) -> None:
+            pass
+
+    monkeypatch.setattr(app, "build_server", lambda weights, **options: built.update(options) or NotRun())
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave the test process's handlers alone
+    assert app.main(["--weights", str(weights_root), "--models", "other, clarity-upscaler",
+                     "--default-model", "other"]) == 0
+    assert (built["models"], built["default_model"]) == (["other", "clarity-upscaler"], "other")
+    assert app.main(["--weights", str(weights_root), "--models", "juggernaut"]) == 1
+    assert "no model 'juggernaut'" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import base64
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import litserve as ls
 from fastapi import HTTPException
@@ -20,6 +20,10 @@ from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS,
 from clarity.params import ParamError
 from clarity.serving import openai
 from clarity.serving.files import FILES_ROUTE, FileStore
+
+if TYPE_CHECKING:
+    from clarity import Upscaler
+    from clarity.models.catalogue import Catalogue
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +37,15 @@ def http_error(error: openai.APIError) -> HTTPException:
 
 
 class UpscaleAPI(ls.LitAPI):
-    """OpenAI-compatible image edits served by `clarity.Upscaler`.
+    """OpenAI-compatible image edits served by one `clarity.Upscaler` per model of a `Catalogue`.
 
     Everything passed to the constructor must pickle: workers are spawned processes, and the
-    model is loaded in `setup`, in each worker.
+    models are loaded in `setup`, in each worker (so every model is resident in every worker).
     """
 
     def __init__(
         self,
-        weights: str | Path,
+        catalogue: Catalogue,
         output_dir: str | Path,
         public_url: str,
         file_ttl_seconds: float,
@@ -50,7 +54,7 @@ class UpscaleAPI(ls.LitAPI):
         max_compute_seconds: float | None = None,
     ) -> None:
         super().__init__(api_path=openai.EDITS_PATH)
-        self.weights = Path(weights)
+        self.catalogue = catalogue
         self.output_dir = Path(output_dir)
         self.public_url = public_url.rstrip("/")
         self.file_ttl_seconds = file_ttl_seconds
@@ -60,10 +64,15 @@ class UpscaleAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         from clarity import Upscaler
+        from clarity.models.catalogue import upscaler_kwargs
 
-        self.upscaler = Upscaler.from_pretrained(self.weights, device=device, max_output_pixels=self.max_output_pixels)
-        if self.upscaler.tiny_model:
-            logger.warning("serving the tiny test model from %s: its outputs have no meaningful detail", self.weights)
+        self.upscalers: dict[str, Upscaler] = {}
+        for model_id in self.catalogue.models:
+            upscaler = Upscaler.from_pretrained(**upscaler_kwargs(self.catalogue, model_id), device=device,
+                                                max_output_pixels=self.max_output_pixels)
+            if upscaler.tiny_model:
+                logger.warning("model %s is the tiny test model: its outputs have no meaningful detail", model_id)
+            self.upscalers[model_id] = upscaler
         self.files = FileStore(self.output_dir, self.file_ttl_seconds)
 
     # `request` stays unannotated: LitServe reads the annotation as the endpoint's request type
@@ -71,7 +80,8 @@ class UpscaleAPI(ls.LitAPI):
     def decode_request(self, request) -> openai.EditRequest:
         """Validate the form into an `EditRequest`; every mistake is a 4xx naming its field."""
         try:
-            return openai.parse_edit_form(request.multi_items(), max_input_pixels=self.max_input_pixels)
+            return openai.parse_edit_form(request.multi_items(), self.catalogue.models,
+                                          max_input_pixels=self.max_input_pixels)
         except openai.APIError as error:
             raise http_error(error) from None
         except ParamError as error:
@@ -86,8 +96,9 @@ class UpscaleAPI(ls.LitAPI):
             if self.max_compute_seconds and time.monotonic() - started > self.max_compute_seconds:
                 raise _ComputeTimeout
 
+        upscaler = self.upscalers[request.model or self.catalogue.default_model]
         try:
-            result = self.upscaler.upscale(
+            result = upscaler.upscale(
                 request.image, request.params, num_images=request.n, mask=request.mask, progress=check_deadline
             )
         except _ComputeTimeout:

@@ -1,6 +1,6 @@
 """Building and running the OpenAI-compatible server: LitServer plus limits, auth and error shapes.
 
-    clarity serve --weights weights/clarity-upscaler --api-key "$KEY"
+    clarity serve --weights weights --api-key "$KEY"
 
 then, with the official SDK, only `base_url` changes:
 
@@ -10,11 +10,11 @@ then, with the official SDK, only `base_url` changes:
 
 Around LitServe's `/v1/images/edits` this adds what an OpenAI client expects: bearer-key auth
 (on every route but `/health`), a body size limit checked before the form is parsed, a 503
-while workers load, every error reshaped to `{"error": {...}}`, `GET /v1/models`, and the
-url-mode file route. And what a shared server needs: a bounded queue (429 `queue_full` with
-`Retry-After` when full), a deadline on time spent queued (504 `queue_timeout`), crashed
-workers restarted with their running request answered 503 at once, and on SIGTERM a drain
-of accepted work before exiting.
+while workers load, every error reshaped to `{"error": {...}}`, `GET /v1/models` (every model
+of the weights catalogue, chosen per request by `model`), and the url-mode file route. And
+what a shared server needs: a bounded queue (429 `queue_full` with `Retry-After` when full),
+a deadline on time spent queued (504 `queue_timeout`), crashed workers restarted with their
+running request answered 503 at once, and on SIGTERM a drain of accepted work before exiting.
 """
 
 from __future__ import annotations
@@ -218,6 +218,8 @@ async def _unhandled_handler(request: Request, error: Exception) -> Response:
 def build_server(
     weights: str | Path,
     *,
+    models: list[str] | None = None,
+    default_model: str | None = None,
     api_key: str | None = None,
     output_dir: str | Path | None = None,
     public_url: str = f"http://localhost:{DEFAULT_PORT}",
@@ -233,8 +235,10 @@ def build_server(
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     max_compute_seconds: float | None = None,
 ) -> Any:
-    """A ready-to-run `litserve.LitServer` for the upscaler in `weights`.
+    """A ready-to-run `litserve.LitServer` for the models in `weights` (a weights root or one model folder).
 
+    It serves `models` (default: all of them), `default_model` answering requests that name
+    none (see `Catalogue.discover`); every served model is loaded in every worker.
     `public_url` is the base URL clients reach this server at; url-mode results are returned
     as `{public_url}/v1/files/<token>.<ext>` and kept in `output_dir` (a new temporary folder
     by default) for `file_ttl_seconds`. A request waits at most `timeout` seconds for a worker
@@ -244,13 +248,15 @@ def build_server(
     # Imported here so that `clarity --help` does not pay for the web stack.
     from litserve.utils import WorkerSetupStatus
 
+    from clarity.models.catalogue import Catalogue
     from clarity.serving.api import UpscaleAPI
     from clarity.serving.supervision import RequestWatchdog, SupervisedLitServer, TrackedBuffer
 
+    catalogue = Catalogue.discover(weights, models=models, default_model=default_model)
     output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
     limits = {"max_output_pixels": max_output_pixels} if max_output_pixels else {}
     api = UpscaleAPI(
-        weights, output_dir, public_url, file_ttl_seconds, max_input_pixels=max_input_pixels,
+        catalogue, output_dir, public_url, file_ttl_seconds, max_input_pixels=max_input_pixels,
         max_compute_seconds=max_compute_seconds, **limits,
     )
     server = SupervisedLitServer(
@@ -260,7 +266,8 @@ def build_server(
         workers_per_device=workers_per_device,
         timeout=timeout,  # also checked by the worker, so an expired request is never run
         max_payload_size=max_payload_bytes,
-        model_metadata={"model": openai.MODEL_ID, "weights": str(weights)},
+        model_metadata={"models": list(catalogue.models), "default_model": catalogue.default_model,
+                        "weights": str(weights)},
         restart_workers=True,
     )
     server.monitor_internal = WORKER_MONITOR_INTERVAL
@@ -317,14 +324,14 @@ def build_server(
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return openai.models_list()
+        return openai.models_list(catalogue.models)
 
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> Response:
-        if model_id != openai.MODEL_ID:
-            error = openai.model_not_found(model_id)
+        if model_id not in catalogue.models:
+            error = openai.model_not_found(model_id, catalogue.models)
             return JSONResponse(error.body, status_code=error.status)
-        return JSONResponse(openai.model_object())
+        return JSONResponse(openai.model_object(model_id))
 
     @app.get(FILES_ROUTE + "/{name}")
     async def get_file(name: str) -> Response:
@@ -341,10 +348,15 @@ def build_server(
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` options, shared by `clarity serve` and `python server.py`."""
-    from clarity.cli import DEFAULT_WEIGHTS
+    from clarity.cli import DEFAULT_WEIGHTS, WEIGHTS_HELP
 
-    parser.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS),
-                        help=f"Model folder (default: {DEFAULT_WEIGHTS}, or $CLARITY_WEIGHTS).")
+    parser.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help=WEIGHTS_HELP)
+    parser.add_argument("--models", type=_model_ids, default=None, metavar="ID,ID",
+                        help="Serve only these model ids of the weights root (default: all; each is loaded"
+                             " in every worker).")
+    parser.add_argument("--default-model", default=None, metavar="ID",
+                        help="Model for requests that name none (default: clarity-upscaler if served, else the"
+                             " first id).")
     parser.add_argument("--host", default="0.0.0.0", help="Address to listen on (default: 0.0.0.0).")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}).")
     parser.add_argument("--accelerator", choices=("auto", "cpu", "cuda"), default="auto",
@@ -381,14 +393,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              " (default: no limit).")
 
 
+def _model_ids(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; exit at once (1) if the weights are unusable."""
+    from clarity.models.catalogue import Catalogue
     from clarity.models.loading import WeightsError, check_model_folder
-    from clarity.models.tiny import TINY_MARKER
+    from clarity.params import ParamError
 
     try:
-        check_model_folder(args.weights)
-    except WeightsError as error:
+        catalogue = Catalogue.discover(args.weights, models=args.models, default_model=args.default_model)
+        for source in catalogue.models.values():
+            check_model_folder(source)
+    except (WeightsError, ParamError) as error:
         # Before LitServe starts: otherwise every worker would die loading, one traceback each.
         print(f"clarity: error: {error}", file=sys.stderr)
         return 1
@@ -396,6 +415,8 @@ def serve(args: argparse.Namespace) -> int:
     devices: int | str = int(args.devices) if str(args.devices).isdigit() else args.devices
     server = build_server(
         args.weights,
+        models=args.models,
+        default_model=args.default_model,
         api_key=api_key,
         output_dir=args.output_dir,
         public_url=args.public_url or f"http://localhost:{args.port}",
@@ -410,8 +431,11 @@ def serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         max_compute_seconds=args.max_compute_seconds,
     )
-    if (args.weights / TINY_MARKER).exists():
-        logger.warning("serving the tiny test model in %s: outputs have no meaningful detail", args.weights)
+    logger.info("serving %s (default %s) from %s", ", ".join(catalogue.models), catalogue.default_model,
+                args.weights)
+    for model_id in catalogue.models:
+        if catalogue.is_tiny(model_id):
+            logger.warning("model %s is the tiny test model: its outputs have no meaningful detail", model_id)
     if not api_key:
         logger.warning("no API key set (--api-key or CLARITY_API_KEY): anyone who can reach the port can use it")
     # LitServe shuts its workers down on KeyboardInterrupt only; a plain SIGTERM (docker stop,

@@ -5,7 +5,9 @@
 `extra_body={...}` adds). OpenAI's standard fields are handled as follows:
 
 - `image` (required): exactly one file. Lists (`image[]`) or several files are refused.
-- `model`: must be `clarity-upscaler` when given; any other name is a 404 `model_not_found`.
+- `model`: a model id this server serves (`GET /v1/models`); absent means the server's default
+  model; any other name is a 404 `model_not_found` listing the served ids. `sd_model`, the
+  original Clarity's name for it, is accepted as an alias; the two must not disagree.
 - `prompt`: the engine's `prompt` (OpenAI requires it; an empty string is a valid prompt);
   at most `MAX_PROMPT_CHARS` characters, as is `negative_prompt`.
 - `n`: 1-4 variants, using seeds seed, seed+1, ...
@@ -30,7 +32,7 @@ from __future__ import annotations
 import difflib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, get_args, get_type_hints
 
@@ -41,9 +43,7 @@ from clarity.params import ParamError, UpscaleParams, param_fields
 
 #: Where the SDKs post `images.edit` (relative to the host; base_url ends in /v1).
 EDITS_PATH = "/v1/images/edits"
-#: The one model name this server answers to.
-MODEL_ID = "clarity-upscaler"
-#: When the model entry says it was created (a fixed date, like OpenAI's model list).
+#: When a model entry says it was created (a fixed date, like OpenAI's model list).
 MODEL_CREATED = 1_735_689_600  # 2025-01-01T00:00:00Z
 
 MAX_VARIANTS = 4
@@ -60,7 +60,7 @@ SIZE_ASPECT_TOLERANCE = 0.01
 OPENAI_FIELDS: dict[str, str] = {
     "image": "the image to upscale (one file)",
     "mask": "image file: opaque (or, without alpha, white) areas keep the pre-upscaled input",
-    "model": f"must be {MODEL_ID}",
+    "model": "a model id from GET /v1/models (default: the server's default model)",
     "prompt": "what the added detail should look like",
     "n": f"number of variants, 1-{MAX_VARIANTS}",
     "size": "WxH output size (sets the scale factor) or auto",
@@ -75,13 +75,17 @@ OPENAI_FIELDS: dict[str, str] = {
     "user": "ignored",
     "safety_identifier": "ignored",
 }
+#: Clarity's own form fields that are not engine parameters.
+CLARITY_FIELDS: dict[str, str] = {
+    "sd_model": "alias of model (the original Clarity's name for it)",
+}
 #: The SDK names a list of images `image[]`.
 _IMAGE_FIELDS = ("image", "image[]")
 
 
 def known_fields() -> list[str]:
-    """Every form field name the edits endpoint accepts: OpenAI's, then the engine's."""
-    return [*OPENAI_FIELDS, *(f.name for f in param_fields() if f.name not in OPENAI_FIELDS)]
+    """Every form field name the edits endpoint accepts: OpenAI's, Clarity's, then the engine's."""
+    return [*OPENAI_FIELDS, *CLARITY_FIELDS, *(f.name for f in param_fields() if f.name not in OPENAI_FIELDS)]
 
 
 def edit_form_schema() -> dict[str, Any]:
@@ -91,7 +95,8 @@ def edit_form_schema() -> dict[str, Any]:
     would see no fields at all.
     """
     properties: dict[str, Any] = {
-        name: {"type": "string", "description": meaning} for name, meaning in OPENAI_FIELDS.items()
+        name: {"type": "string", "description": meaning}
+        for name, meaning in {**OPENAI_FIELDS, **CLARITY_FIELDS}.items()
     }
     properties["image"] = {"type": "string", "format": "binary", "description": OPENAI_FIELDS["image"]}
     properties["mask"] = {"type": "string", "format": "binary", "description": OPENAI_FIELDS["mask"]}
@@ -164,11 +169,12 @@ def invalid(param: str, message: str, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def model_not_found(name: str) -> APIError:
+def model_not_found(name: str, available: Iterable[str], param: str = "model") -> APIError:
+    served = ", ".join(f"`{model_id}`" for model_id in available)
     return APIError(
         404,
-        f"The model `{name}` does not exist or you do not have access to it. This server serves `{MODEL_ID}`.",
-        param="model",
+        f"The model `{name}` does not exist or you do not have access to it. This server serves {served}.",
+        param=param,
         code="model_not_found",
     )
 
@@ -187,6 +193,8 @@ class EditRequest:
     output_format: str = "png"
     output_compression: int | None = None
     mask: Image.Image | None = None
+    #: The model id asked for; None means the server's default model.
+    model: str | None = None
 
 
 def _is_file(value: Any) -> bool:
@@ -249,8 +257,12 @@ def scale_for_size(size: str, image_size: tuple[int, int]) -> float | None:
     return width / in_width
 
 
-def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | None = None) -> EditRequest:
+def parse_edit_form(
+    items: Iterable[tuple[str, Any]], models: Collection[str], max_input_pixels: int | None = None
+) -> EditRequest:
     """Validate an edits form (as (name, value) pairs) into an `EditRequest`, or raise `APIError`.
+
+    `models` are the ids the server serves; `model` (or its alias `sd_model`) must be one of them.
 
     Values are strings, except files. Checks run in order of cost, so a bad field is reported
     before the image is decoded.
@@ -288,8 +300,7 @@ def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | No
         if len(fields.get(name, "")) > MAX_PROMPT_CHARS:
             raise invalid(name, f"{name} is {len(fields[name]):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
 
-    if "model" in fields and fields["model"] != MODEL_ID:
-        raise model_not_found(fields["model"])
+    model = _model_field(fields, models)
     if _truthy("stream", fields.get("stream", "false")):
         raise invalid("stream", "streaming is not supported; send stream=false or leave it out")
 
@@ -314,7 +325,18 @@ def parse_edit_form(items: Iterable[tuple[str, Any]], max_input_pixels: int | No
             except ParamError as error:
                 message = f"size {fields['size']} means a scale factor of {scale:.3g}, which {error.message}"
                 raise invalid("size", message) from None
-    return EditRequest(image, params, n, response_format, output_format, output_compression, mask)
+    return EditRequest(image, params, n, response_format, output_format, output_compression, mask, model)
+
+
+def _model_field(fields: dict[str, Any], models: Collection[str]) -> str | None:
+    """The model id the form asks for (via `model` or its alias `sd_model`), None for the default."""
+    model, alias = fields.get("model"), fields.get("sd_model")
+    if model is not None and alias is not None and model != alias:
+        raise invalid("sd_model", f"sd_model ({alias!r}) and model ({model!r}) name different models; send one")
+    param, name = ("model", model) if model is not None else ("sd_model", alias)
+    if name is not None and name not in models:
+        raise model_not_found(name, models, param=param)
+    return name
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -348,13 +370,13 @@ def images_response(
     }
 
 
-def model_object() -> dict[str, Any]:
-    """The entry for Clarity's model in `GET /v1/models`."""
-    return {"id": MODEL_ID, "object": "model", "created": MODEL_CREATED, "owned_by": "clarity"}
+def model_object(model_id: str) -> dict[str, Any]:
+    """The entry for one served model in `GET /v1/models`."""
+    return {"id": model_id, "object": "model", "created": MODEL_CREATED, "owned_by": "clarity"}
 
 
-def models_list() -> dict[str, Any]:
-    return {"object": "list", "data": [model_object()]}
+def models_list(model_ids: Iterable[str]) -> dict[str, Any]:
+    return {"object": "list", "data": [model_object(model_id) for model_id in model_ids]}
 
 
 def megapixels(sizes: Iterable[tuple[int, int]]) -> float:
