@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, make_test_image
+from safetensors.torch import load_file, save_file
 
 from clarity import ParamError, Upscaler
 from clarity.engine.prompts import parse_weighting, split_lora_tags
@@ -19,11 +20,14 @@ RUN = {"color_fix": "none", **FAST}
 @pytest.fixture(scope="session")
 def adapters_dir(tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    save_tiny_lora(root / "loras" / "tiny.detail.v1.safetensors", tiny_weights)
+    lora = load_file(save_tiny_lora(root / "loras" / "tiny.detail.v1.safetensors", tiny_weights))
+    for part, prefix in (("unet_only", "lora_unet_"), ("te_only", "lora_te_")):
+        save_file({k: v for k, v in lora.items() if k.startswith(prefix)}, str(root / "loras" / f"{part}.safetensors"))
     (root / "loras" / "broken.safetensors").write_bytes(b"not a safetensors file")
     save_tiny_lora(root / "outside.safetensors", tiny_weights, seed=1)  # beside the folder, not in it
     save_tiny_embedding(root / "embeddings" / "easyneg.safetensors", tiny_weights)
     save_tiny_embedding(root / "embeddings" / "badpt.pt", tiny_weights, num_vectors=3, seed=1)
+    save_tiny_embedding(root / "embeddings" / "otherwidth.safetensors", 16)  # for another model
     return root
 
 
@@ -162,6 +166,22 @@ def test_lora_weights_apply_per_model(upscaler, prompt_upscaler):
     assert torch.allclose(encode(prompt_upscaler, "a house"), plain, atol=1e-5)
 
 
+def test_loras_that_train_only_the_unet_or_only_the_text_encoder_work_alone_and_together(
+    tiny_weights, adapters_dir, upscaler
+):
+    # A fresh upscaler, so that the text-encoder-only LoRA is the first one its UNet sees.
+    fresh = Upscaler.from_pretrained(tiny_weights, device="cpu", lora_dir=adapters_dir / "loras")
+    plain = encode(upscaler, "a house")
+    assert (encode(fresh, "a house <lora:te_only:1>") - plain).abs().max() > 1e-2
+    assert torch.allclose(encode(fresh, "a house <lora:unet_only:1>"), plain, atol=1e-5)
+    both = encode(fresh, "a house <lora:te_only:1> <lora:unet_only:1>")
+    assert torch.allclose(both, encode(fresh, "a house <lora:te_only:1>"), atol=1e-5)
+    image = make_test_image(32, 32)
+    without = pixels(upscaler.upscale(image, prompt="a house", **RUN).image)
+    assert np.abs(pixels(fresh.upscale(image, prompt="a house <lora:unet_only:1>", **RUN).image) - without).mean() > 0.5
+    assert np.array_equal(pixels(fresh.upscale(image, prompt="a house", **RUN).image), without)
+
+
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
 @pytest.mark.parametrize("name", ["nope", "../outside", "loras/tiny.detail.v1", "/etc/passwd"])
 def test_unknown_or_outside_lora_names_are_errors_listing_the_available_ones(prompt_upscaler, field, name):
@@ -170,7 +190,7 @@ def test_unknown_or_outside_lora_names_are_errors_listing_the_available_ones(pro
         prompt_upscaler.pipeline.encode_prompt(texts["prompt"], texts["negative_prompt"], do_cfg=True)
     assert caught.value.param == field
     assert f"no LoRA named {name!r}" in caught.value.message
-    assert "available: broken, tiny.detail.v1" in caught.value.message
+    assert "available: broken, te_only, tiny.detail.v1, unet_only" in caught.value.message
 
 
 def test_lora_tags_without_a_lora_folder_say_so(upscaler):
@@ -201,6 +221,11 @@ def test_without_the_file_an_embedding_name_is_just_text(upscaler, prompt_upscal
     # Only whole words are names: "easynegative" is text even where easyneg exists.
     assert torch.allclose(encode(prompt_upscaler, "x", "easynegative")[0], plain_clip(upscaler, "easynegative")[0],
                           atol=1e-5)
+
+
+def test_an_embedding_for_another_model_is_a_weights_error_naming_it(prompt_upscaler):
+    with pytest.raises(WeightsError, match="otherwidth.safetensors"):
+        encode(prompt_upscaler, "a house", "otherwidth")
 
 
 def test_a1111_pt_embeddings_with_several_vectors_work_and_can_be_weighted(prompt_upscaler):

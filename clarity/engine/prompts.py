@@ -217,12 +217,13 @@ class PromptEncoder:
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         #: LoRA name -> peft adapter name (peft keys cannot hold the dots file names may have).
         self._adapters: dict[str, str] = {}
-        #: LoRA settings the models currently run with; () = LoRAs disabled.
-        self._active_loras: tuple = ()
+        self._load_attempts = 0
+        #: LoRA settings the models currently run with; () = LoRAs disabled, None = unknown.
+        self._active_loras: tuple | None = ()
         #: Embedding name -> the token it was added to the tokenizer as.
         self._embedding_tokens: dict[str, str] = {}
         self._compel: Compel | None = None
-        self._compel_loras: tuple = ()
+        self._compel_loras: tuple | None = ()
 
     def encode(self, prompt: str, negative_prompt: str, do_cfg: bool) -> EncodedPrompt:
         """Apply the prompts' LoRA tags to the models and encode [negative, positive] (or positive)."""
@@ -310,16 +311,20 @@ class PromptEncoder:
             self.pipeline.disable_lora()
             self._active_loras = ()
             return
+        # Until the new settings are in place the models' state is unknown (a load can fail
+        # half-way), so the next request sets its own whatever this one did.
+        self._active_loras = None
         for tag in settings:
             if tag.name not in self._adapters:
                 self._load_lora(tag.name)
-        adapters = self.pipeline.get_list_adapters()  # component -> adapter names it holds
+        held = self.pipeline.get_list_adapters()  # model -> adapter names it holds
         names, weights = [], []
         for tag in settings:
             adapter = self._adapters[tag.name]
-            per_component = {"text_encoder": tag.text_encoder_weight, "unet": tag.unet_weight}
+            per_model = {"text_encoder": tag.text_encoder_weight, "unet": tag.unet_weight}
             names.append(adapter)
-            weights.append({c: w for c, w in per_component.items() if adapter in adapters.get(c, [])})
+            # Only the models this LoRA trained (a LoRA may leave the text encoder alone).
+            weights.append({model: w for model, w in per_model.items() if adapter in held.get(model, [])})
         self.pipeline.enable_lora()
         self.pipeline.set_adapters(names, weights)
         self._active_loras = settings
@@ -330,7 +335,9 @@ class PromptEncoder:
         from clarity.models.loading import WeightsError
 
         path = self.lora_dir / f"{name}.safetensors"
-        adapter = f"lora_{len(self._adapters)}"
+        # A fresh adapter name per attempt: a failed load may leave its name behind in the models.
+        self._load_attempts += 1
+        adapter = f"lora_{self._load_attempts}"
         try:
             self.pipeline.load_lora_weights(load_file(path), adapter_name=adapter)
         except Exception as error:  # noqa: BLE001 - any failure here means the file is not a usable LoRA
@@ -350,7 +357,7 @@ class PromptEncoder:
                 pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
                 if pattern.search(text):
                     token = self._embedding_token(name, available[name])
-                    text = pattern.sub(token, text)
+                    text = pattern.sub(lambda _, token=token: token, text)
                     if name not in used:
                         used.append(name)
             if any(token in text for token in self._embedding_tokens.values()):
