@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, make_test_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from clarity import ParamError, Upscaler
@@ -76,6 +78,15 @@ def pixels(image) -> np.ndarray:
 def test_a1111_weighting_is_parsed(text, expected):
     parsed = parse_weighting(text, "prompt")
     assert [[(t, pytest.approx(w)) for t, w in segment] for segment in parsed] == expected
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["cat", "dog", "a long phrase", ",", ".", " ", "(", ")", "[", "]", ":0.5)",
+                                 ":1.3)", "\\(", "\\]", "BREAK", ":", "<", "é", "日本"]), max_size=150),
+       st.lists(st.sampled_from(["ugly", "(", ":0.2)", " ", ","]), max_size=20))
+def test_any_prompt_in_the_syntax_encodes_to_whole_windows(upscaler, prompt_pieces, negative_pieces):
+    embeds = encode(upscaler, " ".join(prompt_pieces), "".join(negative_pieces))
+    assert embeds.shape[0] == 2 and embeds.shape[1] % 77 == 0 and torch.isfinite(embeds).all()
 
 
 def test_a_malformed_weight_number_is_an_error_naming_the_field():

@@ -278,6 +278,12 @@ class PromptEncoder:
         flattened_prompt = _import_compel().prompt_parser.FlattenedPrompt
         parts = []
         for segment in segments:
+            # A fragment with no tokens (only spaces, say) has nothing to weight, and compel
+            # fails to locate one whose weight is below 1.
+            token_ids = compel.conditioning_provider.get_token_ids(
+                [text for text, _ in segment], include_start_and_end_markers=False
+            )
+            segment = [(text, weight if ids else 1.0) for (text, weight), ids in zip(segment, token_ids, strict=True)]
             (conditioning, _tokens), _options = compel.build_conditioning_tensor_for_prompt_object(
                 flattened_prompt(segment)
             )
