@@ -49,9 +49,9 @@ SCHEDULER_NAMES: tuple[str, ...] = (
 COLOR_FIX_METHODS: tuple[str, ...] = ("wavelet", "adain", "none")
 
 DEFAULT_PROMPT = "masterpiece, best quality, highres"
-# The original writes "(worst quality, low quality, normal quality:2)"; prompt weighting is
-# not parsed yet, so the default keeps the words without syntax that would be read literally.
-DEFAULT_NEGATIVE_PROMPT = "worst quality, low quality, normal quality"
+# The original's, in A1111 weighting syntax (weight 2), which engine/prompts.py reads. The
+# original also adds LoRA tags and a negative embedding, which are files users supply.
+DEFAULT_NEGATIVE_PROMPT = "(worst quality, low quality, normal quality:2)"
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,18 @@ import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from clarity.engine import vae as vae_ops
 from clarity.engine.controlnet import residual_scales, scale_residuals
+from clarity.engine.prompts import EncodedPrompt, PromptEncoder
 from clarity.engine.schedulers import make_scheduler
 from clarity.engine.tiling import TilePlan, plan_tiles, tile_weight
 
@@ -66,7 +69,12 @@ class PassStats:
     latent_area_ratio: float = 0.0
     unet_evaluations: int = 0
     vae_tiles: int = 1
-    prompt_truncated: bool = False
+    #: 77-token windows the prompt embeddings span (more than 1: a prompt over 75 tokens, kept whole).
+    prompt_windows: int = 0
+    #: LoRAs applied from <lora:...> tags: name -> (text encoder weight, UNet weight).
+    loras: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Textual-inversion embeddings the prompts used, by name.
+    embeddings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -74,8 +82,16 @@ class PassStats:
 StepCallback = Callable[[int, int], None]
 
 
-class TiledUpscalePipeline:
-    """SD1.5 + ControlNet-tile img2img over latent tiles. Components are passed in, never loaded here."""
+class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
+    """SD1.5 + ControlNet-tile img2img over latent tiles. Components are passed in, never loaded here.
+
+    diffusers' LoRA and textual-inversion loaders are mixed in (`load_lora_weights`,
+    `set_adapters`, `load_textual_inversion`, ...); prompts name what to load, from
+    `lora_dir` and `embeddings_dir` (see `clarity.engine.prompts`).
+    """
+
+    #: Read by diffusers' loaders, which undo accelerate device maps; this pipeline uses none.
+    hf_device_map = None
 
     def __init__(
         self,
@@ -85,6 +101,8 @@ class TiledUpscalePipeline:
         unet: UNet2DConditionModel,
         controlnet: ControlNetModel,
         scheduler_config: dict,
+        lora_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
     ) -> None:
         self.vae = vae
         self.text_encoder = text_encoder
@@ -92,6 +110,13 @@ class TiledUpscalePipeline:
         self.unet = unet
         self.controlnet = controlnet
         self.scheduler_config = scheduler_config
+        self.prompts = PromptEncoder(self, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+
+    @property
+    def components(self) -> dict[str, object]:
+        """The models by name, as diffusers' loaders expect of a pipeline."""
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "unet": self.unet, "controlnet": self.controlnet}
 
     @property
     def device(self) -> torch.device:
@@ -125,9 +150,9 @@ class TiledUpscalePipeline:
         # 3. Encode prompt
         started = time.perf_counter()
         do_cfg = settings.guidance_scale > 1.0
-        prompt_embeds, stats.prompt_truncated = self.encode_prompt(
-            settings.prompt, settings.negative_prompt, do_cfg
-        )
+        encoded = self.encode_prompt(settings.prompt, settings.negative_prompt, do_cfg)
+        prompt_embeds = encoded.embeds
+        stats.prompt_windows, stats.loras, stats.embeddings = encoded.windows, encoded.loras, encoded.embeddings
         stats.seconds["encode_prompt"] = time.perf_counter() - started
 
         # 4. Prepare latents: encode the padded image and noise it to the first timestep.
@@ -195,17 +220,14 @@ class TiledUpscalePipeline:
             scheduler.set_begin_index(start * scheduler.order)
         return scheduler.timesteps[start * scheduler.order:]
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, do_cfg: bool) -> tuple[torch.Tensor, bool]:
-        """CLIP embeddings, [negative, positive] stacked when guidance is on; and whether text was cut."""
-        texts = [negative_prompt, prompt] if do_cfg else [prompt]
-        tokens = self.tokenizer(
-            texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt", return_overflowing_tokens=False,
-        )
-        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        truncated = untruncated.shape[-1] > tokens.input_ids.shape[-1]
-        embeds = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
-        return embeds.to(dtype=self.unet.dtype, device=self.device), truncated
+    def encode_prompt(self, prompt: str, negative_prompt: str, do_cfg: bool) -> EncodedPrompt:
+        """CLIP embeddings, [negative, positive] stacked when guidance is on, of prompts in A1111 syntax.
+
+        Also applies the prompts' `<lora:...>` tags to the UNet and text encoder for this pass
+        (a prompt without tags runs with every LoRA disabled) and loads the embeddings they
+        name. Prompts longer than 75 tokens are encoded in windows, never cut.
+        """
+        return self.prompts.encode(prompt, negative_prompt, do_cfg)
 
     def prepare_latents(
         self,

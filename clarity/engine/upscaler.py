@@ -168,7 +168,9 @@ class Upscaler:
     """Creative upscaling with SD1.5 + ControlNet-tile over latent tiles.
 
     Build it with `Upscaler.from_pretrained(folder)`, or pass a ready pipeline to the
-    constructor (components are never loaded behind the caller's back).
+    constructor (components are never loaded behind the caller's back). `lora_dir` and
+    `embeddings_dir` are where `<lora:name:weight>` tags and embedding names in prompts are
+    looked up (`name.safetensors`; embeddings also `name.pt`); None keeps the pipeline's.
     """
 
     def __init__(
@@ -178,7 +180,13 @@ class Upscaler:
         name: str = "clarity-upscaler",
         tiny_model: bool = False,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+        lora_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
     ) -> None:
+        if lora_dir is not None:
+            pipeline.prompts.lora_dir = Path(lora_dir)
+        if embeddings_dir is not None:
+            pipeline.prompts.embeddings_dir = Path(embeddings_dir)
         self.pipeline = pipeline
         self.pre_upscaler = pre_upscaler
         self.name = name
@@ -192,8 +200,14 @@ class Upscaler:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+        lora_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
     ) -> Upscaler:
-        """Load a model folder or `ModelSource` (see weights/README.md) onto `device` (default: CUDA if present)."""
+        """Load a model folder or `ModelSource` (see weights/README.md) onto `device` (default: CUDA if present).
+
+        LoRAs and embeddings named in prompts are loaded from `lora_dir` and `embeddings_dir`
+        when a prompt first uses them.
+        """
         from clarity.models.loading import load_components
 
         parts = load_components(path, device=device, dtype=dtype)
@@ -204,6 +218,8 @@ class Upscaler:
             unet=parts.unet,
             controlnet=parts.controlnet,
             scheduler_config=parts.scheduler_config,
+            lora_dir=lora_dir,
+            embeddings_dir=embeddings_dir,
         )
         return cls(pipeline, tiny_model=parts.is_tiny, max_output_pixels=max_output_pixels)
 
