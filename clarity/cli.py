@@ -42,6 +42,30 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
                            help=f"{meta['help']}{limits} Default: {f.default}.")
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for `SpeedOptions` (engine/acceleration.py), shared by `upscale` and `serve`."""
+    from clarity.engine.acceleration import DTYPE_CHOICES
+
+    group = parser.add_argument_group("speed (see README, GPU)")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="UNet, ControlNet and text encoder dtype (default: auto = fp16 on CUDA, fp32 on the"
+                            " CPU; fp16 is refused on the CPU). The VAE always runs in fp32.")
+    group.add_argument("--channels-last", action="store_true",
+                       help="NHWC memory layout for the UNet and ControlNet (faster convolutions on tensor cores).")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet and ControlNet: slow first requests, faster after.")
+    group.add_argument("--cpu-offload", action="store_true",
+                       help="Keep models on the CPU between their calls, for GPUs too small to hold them all.")
+
+
+def speed_options(args: argparse.Namespace):
+    """The `SpeedOptions` the speed flags ask for."""
+    from clarity.engine.acceleration import SpeedOptions
+
+    return SpeedOptions(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile,
+                        cpu_offload=args.cpu_offload)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clarity", description="Creative image upscaler (SD1.5 + ControlNet-tile).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--quality", type=int, default=None, help="Quality 0-100 for JPEG/WebP/AVIF outputs.")
     upscale.add_argument("--mask", type=Path, default=None,
                          help="Image marking what to keep unchanged: white (or opaque, if it has alpha) = keep.")
+    add_speed_arguments(upscale)
     _add_param_options(upscale)
 
     weights = commands.add_parser("weights", help="Manage model weights.")
@@ -107,7 +132,7 @@ def _upscale(args: argparse.Namespace) -> int:
         choices = ", ".join(OUTPUT_FORMATS)
         raise ParamError("output", f"unsupported extension {args.output.suffix!r}; use one of {choices}")
 
-    upscaler = Upscaler.from_pretrained(args.weights, device=args.device)
+    upscaler = Upscaler.from_pretrained(args.weights, device=args.device, speed=speed_options(args))
     if upscaler.tiny_model:
         print("note: using the tiny test model; its output has no meaningful detail", file=sys.stderr)
 

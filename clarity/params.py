@@ -108,6 +108,14 @@ class UpscaleParams:
     downscaling_resolution: int = _param(
         768, "Longest side, in pixels, the input is shrunk to when downscaling is on.", min=64, max=8192
     )
+    upscaler: str = _param(
+        "lanczos", "Pre-upscaler that brings each pass to its output size before diffusion: lanczos, or the"
+        " name (file stem) of an ESRGAN-family model in weights/upscalers/, e.g. 4x-UltraSharp.",
+    )
+    enable_safety_checker: bool = _param(
+        False, "Check outputs with the Stable Diffusion safety checker (installed in weights/safety_checker/);"
+        " a flagged output fails the request.",
+    )
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))

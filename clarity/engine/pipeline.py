@@ -90,10 +90,13 @@ class TiledUpscalePipeline:
         self.unet = unet
         self.controlnet = controlnet
         self.scheduler_config = scheduler_config
+        #: Set by model CPU offload (engine/acceleration.py), which keeps the weights on the CPU
+        #: between calls: the work then happens here, not where the UNet's weights wait.
+        self.execution_device: torch.device | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.execution_device or self.unet.device
 
     @torch.no_grad()
     def __call__(

@@ -16,6 +16,8 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException
 
+from clarity.engine.acceleration import SpeedOptions
+from clarity.engine.safety import ContentPolicyError
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS, encode_image
 from clarity.params import ParamError
 from clarity.serving import openai
@@ -48,6 +50,7 @@ class UpscaleAPI(ls.LitAPI):
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
         max_compute_seconds: float | None = None,
+        speed: SpeedOptions | None = None,
     ) -> None:
         super().__init__(api_path=openai.EDITS_PATH)
         self.weights = Path(weights)
@@ -57,11 +60,14 @@ class UpscaleAPI(ls.LitAPI):
         self.max_input_pixels = max_input_pixels
         self.max_output_pixels = max_output_pixels
         self.max_compute_seconds = max_compute_seconds
+        self.speed = speed or SpeedOptions()
 
     def setup(self, device: str) -> None:
         from clarity import Upscaler
 
-        self.upscaler = Upscaler.from_pretrained(self.weights, device=device, max_output_pixels=self.max_output_pixels)
+        self.upscaler = Upscaler.from_pretrained(
+            self.weights, device=device, max_output_pixels=self.max_output_pixels, speed=self.speed
+        )
         if self.upscaler.tiny_model:
             logger.warning("serving the tiny test model from %s: its outputs have no meaningful detail", self.weights)
         self.files = FileStore(self.output_dir, self.file_ttl_seconds)
@@ -93,6 +99,8 @@ class UpscaleAPI(ls.LitAPI):
         except _ComputeTimeout:
             message = f"The upscale took longer than this server's limit of {self.max_compute_seconds:g} s."
             raise http_error(openai.APIError(504, message, code="compute_timeout")) from None
+        except ContentPolicyError as error:
+            raise http_error(openai.content_policy_violation(error.message)) from None
         except ParamError as error:
             raise http_error(openai.invalid(error.param, str(error))) from None
         except Exception:

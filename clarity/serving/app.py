@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +41,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.serving import openai
 from clarity.serving.files import DEFAULT_TTL_SECONDS, FILES_ROUTE, FileStore
+
+if TYPE_CHECKING:
+    from clarity.engine.acceleration import SpeedOptions
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +235,7 @@ def build_server(
     max_output_pixels: int | None = None,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     max_compute_seconds: float | None = None,
+    speed: SpeedOptions | None = None,
 ) -> Any:
     """A ready-to-run `litserve.LitServer` for the upscaler in `weights`.
 
@@ -239,7 +243,8 @@ def build_server(
     as `{public_url}/v1/files/<token>.<ext>` and kept in `output_dir` (a new temporary folder
     by default) for `file_ttl_seconds`. A request waits at most `timeout` seconds for a worker
     to start it; each HTTP process holds at most `max_queue` edit requests; on shutdown,
-    accepted requests get `shutdown_timeout` seconds to finish.
+    accepted requests get `shutdown_timeout` seconds to finish. `speed` (`SpeedOptions`) sets
+    how each worker runs the models.
     """
     # Imported here so that `clarity --help` does not pay for the web stack.
     from litserve.utils import WorkerSetupStatus
@@ -251,7 +256,7 @@ def build_server(
     limits = {"max_output_pixels": max_output_pixels} if max_output_pixels else {}
     api = UpscaleAPI(
         weights, output_dir, public_url, file_ttl_seconds, max_input_pixels=max_input_pixels,
-        max_compute_seconds=max_compute_seconds, **limits,
+        max_compute_seconds=max_compute_seconds, speed=speed, **limits,
     )
     server = SupervisedLitServer(
         api,
@@ -341,7 +346,7 @@ def build_server(
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` options, shared by `clarity serve` and `python server.py`."""
-    from clarity.cli import DEFAULT_WEIGHTS
+    from clarity.cli import DEFAULT_WEIGHTS, add_speed_arguments
 
     parser.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS),
                         help=f"Model folder (default: {DEFAULT_WEIGHTS}, or $CLARITY_WEIGHTS).")
@@ -379,10 +384,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-compute-seconds", type=float, default=None,
                         help="Stop an upscale that has run this long and answer 504 compute_timeout"
                              " (default: no limit).")
+    add_speed_arguments(parser)
+
+
+def check_speed_for_accelerator(speed: SpeedOptions, accelerator: str) -> None:
+    """Raise `ParamError` naming the flag if `--accelerator` and the speed flags cannot work here."""
+    import torch
+
+    from clarity.engine.acceleration import resolve_dtype
+    from clarity.params import ParamError
+
+    cuda = torch.cuda.is_available()
+    if accelerator == "cuda" and not cuda:
+        raise ParamError("accelerator", "--accelerator cuda: CUDA is not available here (no NVIDIA GPU or driver,"
+                                        " or a CPU-only torch build); use --accelerator cpu")
+    resolve_dtype(speed, torch.device("cuda" if accelerator != "cpu" and cuda else "cpu"))
 
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; exit at once (1) if the weights are unusable."""
+    from clarity.cli import speed_options
     from clarity.models.loading import WeightsError, check_model_folder
     from clarity.models.tiny import TINY_MARKER
 
@@ -392,6 +413,8 @@ def serve(args: argparse.Namespace) -> int:
         # Before LitServe starts: otherwise every worker would die loading, one traceback each.
         print(f"clarity: error: {error}", file=sys.stderr)
         return 1
+    speed = speed_options(args)
+    check_speed_for_accelerator(speed, args.accelerator)  # likewise: refused here, not in every worker
     api_key = args.api_key or os.environ.get("CLARITY_API_KEY") or None
     devices: int | str = int(args.devices) if str(args.devices).isdigit() else args.devices
     server = build_server(
@@ -409,6 +432,7 @@ def serve(args: argparse.Namespace) -> int:
         max_output_pixels=int(args.max_output_mp * 1_000_000) if args.max_output_mp else None,
         shutdown_timeout=args.shutdown_timeout,
         max_compute_seconds=args.max_compute_seconds,
+        speed=speed,
     )
     if (args.weights / TINY_MARKER).exists():
         logger.warning("serving the tiny test model in %s: outputs have no meaningful detail", args.weights)

@@ -164,6 +164,11 @@ def invalid(param: str, message: str, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def content_policy_violation(message: str) -> APIError:
+    """OpenAI's answer when its safety system rejects a request: 400 `content_policy_violation`."""
+    return APIError(400, message, code="content_policy_violation")
+
+
 def model_not_found(name: str) -> APIError:
     return APIError(
         404,
