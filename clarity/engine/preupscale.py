@@ -53,7 +53,8 @@ class PreUpscalerRegistry:
         return {p.stem: p for p in files}
 
     def names(self) -> list[str]:
-        return [LANCZOS, *self.available()]
+        # A model file called lanczos.pth would be shadowed by the built-in: not offered.
+        return [LANCZOS, *(name for name in self.available() if name != LANCZOS)]
 
     def get(self, name: str) -> PreUpscaler:
         """The pre-upscaler called `name`; `ParamError("upscaler", ...)` listing the choices if none is."""
