@@ -184,6 +184,21 @@ def test_alpha_and_grayscale_survive(upscaler):
     assert gray.mode == "L" and gray.size == (80, 64)
 
 
+def test_transparent_png_does_not_bloom(upscaler):
+    """The colour stored under transparent pixels (black here) must not leak into the visible edge."""
+    size = 64
+    y, x = np.mgrid[0:size, 0:size]
+    disc = (x - size / 2) ** 2 + (y - size / 2) ** 2 < (size / 3) ** 2
+    rgba = np.zeros((size, size, 4), dtype=np.uint8)
+    rgba[disc] = (40, 200, 90, 255)
+    result = pixels(upscaler.upscale(Image.fromarray(rgba), **FAST).image)
+    edge = (result[..., 3] > 64) & (result[..., 3] < 192)  # the soft, half-visible rim
+    inside = result[..., 3] == 255
+    rim, core = result[edge][:, :3].mean(0), result[inside][:, :3].mean(0)
+    # Unfilled, the black under the transparent pixels halves the rim's green.
+    assert edge.sum() > 20 and np.abs(rim - core).max() < 0.1 * core.max(), (rim, core)
+
+
 def test_sixteen_bit_input_is_rescaled_not_clipped(upscaler):
     deep = Image.fromarray(np.full((32, 40), 30000, dtype=np.uint16))
     result = upscaler.upscale(deep, creativity=0.0).image

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from clarity.models.loading import WeightsError, load_components
+from clarity.models.loading import ModelSource, WeightsError, load_components
 from clarity.models.tiny import build_tiny_pipeline
 
 
@@ -44,3 +44,17 @@ def test_corrupt_file_names_the_part(tiny_weights, tmp_path):
     (broken / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(WeightsError, match="could not load vae"):
         load_components(broken)
+
+
+def test_controlnet_and_vae_can_come_from_elsewhere(tiny_weights, tmp_path):
+    """A ModelSource takes the ControlNet and VAE from other folders: the base then needs neither."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_weights, base, ignore=shutil.ignore_patterns("controlnet", "vae"))
+    source = ModelSource(base=base, controlnet=tiny_weights / "controlnet", vae=tiny_weights / "vae")
+    loaded = load_components(source, device="cpu")
+    reference = load_components(tiny_weights, device="cpu")
+    for name in ("controlnet", "vae"):
+        ours, theirs = getattr(loaded, name).state_dict(), getattr(reference, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    with pytest.raises(WeightsError, match="controlnet"):
+        load_components(ModelSource(base=base), device="cpu")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from clarity.engine.preupscale import PreUpscaler, PreUpscalerRegistry
 from clarity.engine.safety import ContentPolicyError, SafetyChecker, is_installed, not_installed
 from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS, ImageSource, join_from_model, load_image, split_for_model
 from clarity.params import ParamError, UpscaleParams
+
+if TYPE_CHECKING:
+    from clarity.models.loading import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +203,7 @@ class Upscaler:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | ModelSource,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
@@ -208,7 +211,7 @@ class Upscaler:
         upscalers_dir: str | Path | None = None,
         safety_checker_dir: str | Path | None = None,
     ) -> Upscaler:
-        """Load a model folder (see weights/README.md) onto `device` (default CUDA if present, else CPU).
+        """Load a model folder or `ModelSource` (see weights/README.md) onto `device` (default: CUDA if present).
 
         `speed` sets dtype, attention, memory layout, compilation and offloading (see
         engine/acceleration.py); `dtype`, when given, overrides `speed.dtype`. `upscalers_dir`

@@ -1,8 +1,10 @@
 """Loading model components from a weights folder: the only code that knows its layout.
 
-A model folder is the diffusers pipeline layout with the ControlNet beside the other parts:
+A model is described by a `ModelSource`: a base checkpoint, plus the ControlNet and an optional
+VAE override. The base is a folder in the diffusers pipeline layout, which may hold the
+ControlNet beside the other parts:
 
-    <folder>/unet/  vae/  text_encoder/  tokenizer/  scheduler/  controlnet/
+    <folder>/unet/  vae/  text_encoder/  tokenizer/  scheduler/  [controlnet/]
 
 Everything loads from local files (`local_files_only=True`): no hub lookup, ever.
 """
@@ -31,6 +33,31 @@ class WeightsError(FileNotFoundError):
     """A weights folder is missing, incomplete or unreadable; the message says what to do."""
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the parts of one model come from."""
+
+    #: The base checkpoint: a diffusers pipeline folder (unet/, vae/, text_encoder/, ...).
+    base: Path
+    #: The ControlNet tile model (a diffusers model folder); None means `<base>/controlnet`.
+    controlnet: Path | None = None
+    #: A VAE to use instead of the base's own (a diffusers model folder); None keeps the base's.
+    vae: Path | None = None
+
+    @classmethod
+    def of(cls, source: ModelSource | str | Path) -> ModelSource:
+        """`source` itself, or a source whose base (holding its ControlNet) is the folder `source`."""
+        return source if isinstance(source, ModelSource) else cls(base=Path(source))
+
+    @property
+    def controlnet_path(self) -> Path:
+        return self.controlnet if self.controlnet is not None else self.base / "controlnet"
+
+    @property
+    def vae_path(self) -> Path:
+        return self.vae if self.vae is not None else self.base / "vae"
+
+
 @dataclass
 class ModelComponents:
     """The loaded parts of one model, ready for `TiledUpscalePipeline`."""
@@ -54,26 +81,27 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def check_model_folder(folder: str | Path) -> Path:
-    """Raise `WeightsError` naming what is missing from `folder`, and how to fix it."""
-    folder = Path(folder)
+def check_model_folder(source: ModelSource | str | Path) -> ModelSource:
+    """Raise `WeightsError` naming what is missing from `source`, and how to fix it."""
+    source = ModelSource.of(source)
+    folder = source.base
     if not folder.is_dir():
         raise WeightsError(
             f"no model folder at {folder}. Put weights there (see weights/README.md), or create the tiny"
             f" test model with `clarity weights tiny {folder}` to try things out."
         )
-    missing = [f"{name}/ ({what})" for name, what in REQUIRED_PARTS.items() if not (folder / name).is_dir()]
+    paths = {name: folder / name for name in REQUIRED_PARTS}
+    paths.update(controlnet=source.controlnet_path, vae=source.vae_path)
+    missing = [f"{path}/ ({REQUIRED_PARTS[name]})" for name, path in paths.items() if not path.is_dir()]
     if missing:
-        raise WeightsError(
-            f"model folder {folder} is incomplete; missing: {', '.join(missing)}. See weights/README.md."
-        )
-    return folder
+        raise WeightsError(f"model {folder} is incomplete; missing: {', '.join(missing)}. See weights/README.md.")
+    return source
 
 
 def load_components(
-    folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    source: ModelSource | str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> ModelComponents:
-    """Load every part of the model in `folder` onto `device` (default: CUDA if present, else CPU).
+    """Load every part of the model `source` (or model folder) onto `device` (default: CUDA if present, else CPU).
 
     The VAE stays in float32 whatever `dtype` is: SD1.5's VAE overflows to NaN in float16.
     """
@@ -81,15 +109,19 @@ def load_components(
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
-    folder = check_model_folder(folder)
+    source = check_model_folder(source)
+    folder = source.base
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
 
+    paths = {part: folder / part for part in REQUIRED_PARTS}
+    paths.update(controlnet=source.controlnet_path, vae=source.vae_path)
+
     def load(part: str, loader):
         try:
-            return loader(folder / part)
+            return loader(paths[part])
         except Exception as error:  # noqa: BLE001 - any failure here means the files are bad
-            raise WeightsError(f"could not load {part} from {folder / part}: {error}") from error
+            raise WeightsError(f"could not load {part} from {paths[part]}: {error}") from error
 
     common = {"local_files_only": True}
     # transformers draws a progress bar per loaded model: noise in server logs and CLI output.
