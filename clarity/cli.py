@@ -45,6 +45,30 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
                            help=f"{meta['help']}{limits} Default: {f.default}.")
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for `SpeedOptions` (engine/acceleration.py), shared by `upscale` and `serve`."""
+    from clarity.engine.acceleration import DTYPE_CHOICES
+
+    group = parser.add_argument_group("speed (see README, GPU)")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="UNet, ControlNet and text encoder dtype (default: auto = fp16 on CUDA, fp32 on the"
+                            " CPU; fp16 is refused on the CPU). The VAE always runs in fp32.")
+    group.add_argument("--channels-last", action="store_true",
+                       help="NHWC memory layout for the UNet and ControlNet (faster convolutions on tensor cores).")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet and ControlNet: slow first requests, faster after.")
+    group.add_argument("--cpu-offload", action="store_true",
+                       help="Keep models on the CPU between their calls, for GPUs too small to hold them all.")
+
+
+def speed_options(args: argparse.Namespace):
+    """The `SpeedOptions` the speed flags ask for."""
+    from clarity.engine.acceleration import SpeedOptions
+
+    return SpeedOptions(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile,
+                        cpu_offload=args.cpu_offload)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clarity", description="Creative image upscaler (SD1.5 + ControlNet-tile).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--quality", type=int, default=None, help="Quality 0-100 for JPEG/WebP/AVIF outputs.")
     upscale.add_argument("--mask", type=Path, default=None,
                          help="Image marking what to keep unchanged: white (or opaque, if it has alpha) = keep.")
+    add_speed_arguments(upscale)
     _add_param_options(upscale)
 
     weights = commands.add_parser("weights", help="Manage model weights.")
@@ -81,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny", help="Write the tiny random SD1.5-shaped test model (no meaningful output; for tests and demos)."
     )
     tiny.add_argument("folder", type=Path, help="Where to write it, e.g. weights/tiny.")
-    tiny.add_argument("--format", choices=("diffusers", "single-file", "all"), default="diffusers",
+    tiny.add_argument("--format", choices=("diffusers", "single-file", "extras", "all"), default="diffusers",
                       help="diffusers: the diffusers folder layout (default); single-file: original-format"
-                           " SD checkpoint, ControlNet and VAE files (.safetensors, .ckpt, .pth); all: both.")
+                           " SD checkpoint, ControlNet and VAE files (.safetensors, .ckpt, .pth); extras: a"
+                           " LoRA, an embedding, an ESRGAN pre-upscaler and a safety checker; all: everything.")
 
     from clarity.serving.app import add_serve_arguments
 
@@ -135,7 +161,8 @@ def _upscale(args: argparse.Namespace) -> int:
 
     catalogue = Catalogue.discover(args.weights)
     model_id = catalogue.model_id(args.model)
-    upscaler = Upscaler.from_pretrained(**upscaler_kwargs(catalogue, model_id), device=args.device)
+    upscaler = Upscaler.from_pretrained(**upscaler_kwargs(catalogue, model_id), device=args.device,
+                                        speed=speed_options(args))
     if upscaler.tiny_model:
         print("note: using the tiny test model; its output has no meaningful detail", file=sys.stderr)
 

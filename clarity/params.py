@@ -113,6 +113,14 @@ class UpscaleParams:
         "Seamless, tileable output: opposite edges continue each other, so copies laid side by side"
         " show no seam. An input that does not tile already has its mismatched borders cross-faded first.",
     )
+    upscaler: str = _param(
+        "lanczos", "Pre-upscaler that brings each pass to its output size before diffusion: lanczos, or the"
+        " name (file stem) of an ESRGAN-family model in weights/upscalers/, e.g. 4x-UltraSharp.",
+    )
+    enable_safety_checker: bool = _param(
+        False, "Check outputs with the Stable Diffusion safety checker (installed in weights/safety_checker/);"
+        " a flagged output fails the request.",
+    )
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))

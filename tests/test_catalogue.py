@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_test_image
@@ -49,7 +50,22 @@ def test_a_model_folder_is_one_model_named_clarity_upscaler(tiny_weights):
     assert catalogue.models == {"clarity-upscaler": ModelSource(base=tiny_weights)}
     assert catalogue.default_model == "clarity-upscaler"
     assert catalogue.loras is None and catalogue.upscalers is None
-    assert upscaler_kwargs(catalogue, "clarity-upscaler") == {"path": ModelSource(base=tiny_weights)}
+    assert upscaler_kwargs(catalogue, "clarity-upscaler")["path"] == ModelSource(base=tiny_weights)
+
+
+def test_a_model_folder_may_hold_its_extras(tiny_weights, tmp_path):
+    """`clarity weights tiny --format extras` puts a LoRA, an embedding, an ESRGAN and a checker beside the model."""
+    from clarity.models.tiny import save_tiny_weights
+
+    folder = copy_model(tiny_weights, tmp_path / "tiny")
+    save_tiny_weights(folder, formats=("extras",))
+    kwargs = upscaler_kwargs(Catalogue.discover(folder), "clarity-upscaler")
+    assert kwargs["lora_dir"] == folder / "loras" and kwargs["upscalers_dir"] == folder / "upscalers"
+    assert kwargs["embeddings_dir"] == folder / "embeddings"
+    assert kwargs["safety_checker_dir"] == folder / "safety_checker"
+    entries = inspect_weights(Catalogue.discover(folder))
+    assert {entry.kind for entry in entries} >= {"model", "lora", "embedding", "upscaler"}
+    assert all(entry.ok for entry in entries), [entry.problem for entry in entries]
 
 
 def test_a_root_lists_every_model_with_the_shared_parts(root):
@@ -158,9 +174,8 @@ def test_single_file_checkpoints_are_listed(root, tmp_path):
     assert catalogue.source("juggernaut") == ModelSource(base=tmp_path / "models" / "juggernaut.safetensors",
                                                          controlnet=tmp_path / "controlnet")
     entries = {entry.name: entry for entry in inspect_weights(catalogue)}
-    # Marked as needing single-file support only while the loader refuses a good-looking file.
-    assert entries["juggernaut"].problem is None or entries["juggernaut"].problem.startswith(
-        "needs single-file support")
+    # One tensor with a checkpoint's name is no checkpoint: the loader's own check says so.
+    assert "juggernaut.safetensors" in entries["juggernaut"].problem
     assert "not a readable safetensors file" in entries["corrupt"].problem
 
 
@@ -173,3 +188,22 @@ def test_upscale_picks_the_model_by_id(root, tmp_path, capsys):
     assert (tmp_path / "out.png").exists()
     assert main([*common, "--model", "juggernaut"]) == 2
     assert "model: no model 'juggernaut'" in capsys.readouterr().err
+
+
+def test_extras_beside_a_model_reach_the_engine(tiny_weights, tmp_path):
+    """The catalogue's folders are the ones prompts, `upscaler` and the safety checker use."""
+    from clarity import Upscaler
+    from clarity.models.tiny import save_tiny_weights
+
+    folder = copy_model(tiny_weights, tmp_path / "tiny")
+    save_tiny_weights(folder, formats=("extras",))
+    upscaler = Upscaler.from_pretrained(**upscaler_kwargs(Catalogue.discover(folder), "clarity-upscaler"),
+                                        device="cpu")
+    image = make_test_image(24, 16)
+    settings = {"num_inference_steps": 2, "creativity": 0.5}
+    plain = upscaler.upscale(image, **settings)
+    extras = upscaler.upscale(image, prompt="<lora:tiny-detail:1>", negative_prompt="tiny-negative",
+                              upscaler="tiny-esrgan-4x", enable_safety_checker=True, **settings)
+    assert extras.stats.passes[0].loras and extras.stats.passes[0].embeddings
+    assert extras.stats.pre_upscaler == "tiny-esrgan-4x"
+    assert np.abs(np.asarray(plain.image, float) - np.asarray(extras.image, float)).mean() > 1

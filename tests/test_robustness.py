@@ -43,6 +43,9 @@ SLOW = {"num_inference_steps": "24", "creativity": "1.0", "scheduler": "Euler"}
 MAX_QUEUE = 3
 #: Seconds the subprocess server lets a request wait for a worker.
 QUEUE_TIMEOUT = 2
+#: Seconds the subprocess server gives in-flight work after SIGTERM: generous, since a loaded
+#: two-core machine was seen to need over 20 s for the SLOW request.
+SHUTDOWN_TIMEOUT = 60
 ROOT = Path(__file__).resolve().parent.parent
 #: Torch threads per inference worker. One keeps timings predictable on a loaded two-core
 #: machine, where OpenMP threads spinning at barriers were seen to slow each request tenfold.
@@ -442,7 +445,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, str(ROOT / "server.py"), "--weights", str(weights), "--host", "127.0.0.1",
                    "--port", str(self.port), "--accelerator", "cpu", "--api-key", KEY,
-                   "--queue-timeout", str(QUEUE_TIMEOUT), "--shutdown-timeout", "20"]
+                   "--queue-timeout", str(QUEUE_TIMEOUT), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
         env = {**os.environ, "OMP_NUM_THREADS": ONE_THREAD}
         with open(log, "wb") as output:
             # Its own session, so that stop() can end it and all its children.
@@ -556,6 +559,55 @@ def test_schema_fuzzing_finds_no_server_error(served):
     served.wait_healthy(5)
 
 
+def test_a_client_that_hangs_up_stops_its_running_upscale(served):
+    impatient = httpx.Client(base_url=served.url, timeout=1.5)
+    with pytest.raises(httpx.ReadTimeout):  # its upscale alone would take a minute or more
+        post_edit(impatient, png(256, 256), **{**SLOW, "num_inference_steps": "100"})
+    hung_up = time.monotonic()
+    # The worker is free after the step it was in, not after 100 steps: the next request is
+    # answered (a queued request waits at most QUEUE_TIMEOUT s before a 504).
+    while (response := post_edit(served.http, png(16, 16))).status_code == 504:
+        assert time.monotonic() - hung_up < 15, "the abandoned upscale kept the worker busy"
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 10
+    while "stopped: its client disconnected" not in served.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the worker did not report stopping the abandoned request"
+        time.sleep(0.2)
+
+
+def test_a_queued_request_whose_client_left_is_skipped(tiny_weights, tmp_path):
+    """The worker checks the registry before it starts a request (unit level: no timing involved)."""
+    from fastapi import HTTPException
+
+    from clarity.models.catalogue import Catalogue
+    from clarity.serving.api import UpscaleAPI
+    from clarity.serving.cancellation import REQUEST_ID_FIELD, CancelRegistry
+
+    registry = CancelRegistry(tmp_path / "cancelled")
+    api = UpscaleAPI(Catalogue.discover(tiny_weights), tmp_path / "out", "http://x", 60, cancellations=registry)
+
+    class Upload:
+        filename = "a.png"
+
+        def __init__(self, data: bytes) -> None:
+            self.file = io.BytesIO(data)
+
+    class Form:
+        def __init__(self, request_id: str) -> None:
+            self.items = [(REQUEST_ID_FIELD, request_id), ("image", Upload(png(16, 16))), ("prompt", "x")]
+
+        def multi_items(self):
+            return self.items
+
+    assert api.decode_request(Form("kept")).request_id == "kept"
+    registry.cancel("gone")
+    with pytest.raises(HTTPException) as refused:
+        api.decode_request(Form("gone"))
+    assert refused.value.status_code == 499
+    registry.forget("gone")
+    assert api.decode_request(Form("gone")).params.prompt == "x"
+
+
 def test_sigterm_drains_the_running_request_then_exits(served):
     slow, slow_result = in_background(lambda: post_edit(served.http, png(128, 128), **SLOW))
     time.sleep(1.0)
@@ -564,10 +616,10 @@ def test_sigterm_drains_the_running_request_then_exits(served):
     with pytest.raises(httpx.ConnectError):  # refused at once (not left hanging) while draining
         httpx.get(f"{served.url}/health", timeout=5)
     assert served.process.poll() is None and slow.is_alive()
-    slow.join(40)
+    slow.join(SHUTDOWN_TIMEOUT)
     assert slow_result, "the in-flight request was not answered"
     assert slow_result[0].status_code == 200, slow_result[0].text
-    assert served.process.wait(40) == 0
+    assert served.process.wait(SHUTDOWN_TIMEOUT) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{served.url}/health", timeout=2)
     assert KEY not in served.log.read_text(errors="replace")

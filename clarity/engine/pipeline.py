@@ -110,6 +110,9 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
         self.unet = unet
         self.controlnet = controlnet
         self.scheduler_config = scheduler_config
+        #: Set by model CPU offload (engine/acceleration.py), which keeps the weights on the CPU
+        #: between calls: the work then happens here, not where the UNet's weights wait.
+        self.execution_device: torch.device | None = None
         self.prompts = PromptEncoder(self, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
 
     @property
@@ -120,7 +123,7 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.execution_device or self.unet.device
 
     @torch.no_grad()
     def __call__(

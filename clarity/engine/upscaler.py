@@ -21,9 +21,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from clarity.engine.acceleration import (
+    AccelerationReport,
+    SpeedOptions,
+    apply_speed_options,
+    resolve_device,
+    resolve_dtype,
+)
 from clarity.engine.pipeline import PassSettings, PassStats, TiledUpscalePipeline
 from clarity.engine.postprocess import color_fix, sharpen
-from clarity.engine.preupscale import PreUpscaler, lanczos
+from clarity.engine.preupscale import PreUpscaler, PreUpscalerRegistry, lanczos
+from clarity.engine.safety import ContentPolicyError, SafetyChecker, is_installed, not_installed
 from clarity.engine.seamless import crossfade_borders, filter_periodic, resize_periodic, seam_axes, snap_to_latent_grid
 from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS, ImageSource, join_from_model, load_image, split_for_model
 from clarity.params import ParamError, UpscaleParams
@@ -73,6 +81,10 @@ class UpscaleStats:
     #: With `pattern`: the axes ("x", "y") along which the input did not tile and was cross-faded.
     pattern_crossfaded: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: Which pre-upscaler brought each pass to size (`params.upscaler`).
+    pre_upscaler: str = "lanczos"
+    #: Dtypes, attention processors and speed options in effect (see engine/acceleration.py).
+    acceleration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def unet_evaluations(self) -> int:
@@ -176,22 +188,28 @@ class Upscaler:
     def __init__(
         self,
         pipeline: TiledUpscalePipeline,
-        pre_upscaler: PreUpscaler = lanczos,
         name: str = "clarity-upscaler",
         tiny_model: bool = False,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
         lora_dir: Path | None = None,
         embeddings_dir: Path | None = None,
+        upscalers_dir: Path | None = None,
+        safety_checker_dir: Path | None = None,
+        acceleration: AccelerationReport | None = None,
     ) -> None:
         if lora_dir is not None:
             pipeline.prompts.lora_dir = Path(lora_dir)
         if embeddings_dir is not None:
             pipeline.prompts.embeddings_dir = Path(embeddings_dir)
         self.pipeline = pipeline
-        self.pre_upscaler = pre_upscaler
         self.name = name
         self.tiny_model = tiny_model
         self.max_output_pixels = max_output_pixels
+        #: `params.upscaler` names: lanczos, or model files in `upscalers_dir` (loaded on first use).
+        self.pre_upscalers = PreUpscalerRegistry(upscalers_dir, device=pipeline.device)
+        self.safety_checker_dir = Path(safety_checker_dir) if safety_checker_dir is not None else None
+        self._safety_checker: SafetyChecker | None = None
+        self.acceleration = acceleration
 
     @classmethod
     def from_pretrained(
@@ -202,14 +220,25 @@ class Upscaler:
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
         lora_dir: Path | None = None,
         embeddings_dir: Path | None = None,
+        speed: SpeedOptions | None = None,
+        upscalers_dir: str | Path | None = None,
+        safety_checker_dir: str | Path | None = None,
+        name: str = "clarity-upscaler",
     ) -> Upscaler:
         """Load a model folder or `ModelSource` (see weights/README.md) onto `device` (default: CUDA if present).
 
-        LoRAs and embeddings named in prompts are loaded from `lora_dir` and `embeddings_dir`
-        when a prompt first uses them.
+        `speed` sets dtype, attention, memory layout, compilation and offloading (see
+        engine/acceleration.py); `dtype`, when given, overrides `speed.dtype`. LoRAs and
+        embeddings named in prompts are loaded from `lora_dir` and `embeddings_dir` when a prompt
+        first uses them; `upscalers_dir` holds the ESRGAN-family models `params.upscaler` may
+        name, `safety_checker_dir` the safety checker `params.enable_safety_checker` uses. `name`
+        is the model id reported in `stats.model`.
         """
         from clarity.models.loading import load_components
 
+        speed = speed or SpeedOptions()
+        device = resolve_device(device)
+        dtype = dtype or resolve_dtype(speed, device)
         parts = load_components(path, device=device, dtype=dtype)
         pipeline = TiledUpscalePipeline(
             vae=parts.vae,
@@ -221,7 +250,13 @@ class Upscaler:
             lora_dir=lora_dir,
             embeddings_dir=embeddings_dir,
         )
-        return cls(pipeline, tiny_model=parts.is_tiny, max_output_pixels=max_output_pixels)
+        acceleration = apply_speed_options(pipeline, speed, device)
+        return cls(
+            pipeline, name=name, tiny_model=parts.is_tiny, max_output_pixels=max_output_pixels,
+            upscalers_dir=Path(upscalers_dir) if upscalers_dir is not None else None,
+            safety_checker_dir=Path(safety_checker_dir) if safety_checker_dir is not None else None,
+            acceleration=acceleration,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +284,9 @@ class Upscaler:
 
         When the device runs out of memory, the variant is retried with half the tile batch,
         then half the VAE tile size, and each retry is logged and listed in `stats.retries`.
-        Raises `ParamError` naming the field for invalid input.
+        `params.upscaler` picks the pre-upscaler (lanczos or a model in the upscalers folder).
+        With `params.enable_safety_checker`, every output is checked and a flagged one raises
+        `ContentPolicyError`. Raises `ParamError` naming the field for invalid input.
         """
         params = params or UpscaleParams()
         if overrides:
@@ -257,7 +294,10 @@ class Upscaler:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
             raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
         started = time.perf_counter()
-        stats = UpscaleStats(model=self.name, tiny_model=self.tiny_model, device=str(self.device))
+        stats = UpscaleStats(
+            model=self.name, tiny_model=self.tiny_model, device=str(self.device), pre_upscaler=params.upscaler,
+            acceleration=asdict(self.acceleration) if self.acceleration is not None else {},
+        )
         source = split_for_model(load_image(image))
         rgb = shrink_to(source.rgb, params.downscaling_resolution) if params.downscaling else source.rgb
         if params.pattern:
@@ -270,17 +310,20 @@ class Upscaler:
                 f"the output would be {width}x{height} = {width * height / 1e6:.1f} MP; the limit here is"
                 f" {self.max_output_pixels / 1e6:.1f} MP (max_output_pixels)",
             )
+        # Both checked before any work: a wrong name or a missing checker must not cost minutes.
+        pre_upscaler = self.pre_upscalers.get(params.upscaler)
+        safety_checker = self.safety_checker() if params.enable_safety_checker else None
         keep = None
         if mask is not None:
             keep = keep_mask(load_image(mask, param="mask"), rgb.size, (width, height))
-            original = self._pre_upscale(rgb, (width, height), params.pattern)
+            original = self._pre_upscale(pre_upscaler, rgb, (width, height), params.pattern)
         base_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         images = []
         for variant in range(num_images):
             seed = base_seed + variant
             stats.seeds.append(seed)
             run = partial(self._upscale_rgb, rgb, seed=seed, variant=variant, variants=num_images,
-                          progress=progress, stats=stats)
+                          progress=progress, stats=stats, pre_upscaler=pre_upscaler)
             result = _with_memory_retries(run, params, stats, variant)
             if params.pattern:
                 result = filter_periodic(partial(sharpen, amount=params.sharpen), result, reach=1)
@@ -289,8 +332,23 @@ class Upscaler:
             if keep is not None:
                 result = Image.composite(original, result, keep)
             images.append(join_from_model(result, source))
+        if safety_checker is not None:
+            flagged = [index for index, flag in enumerate(safety_checker.flagged(images)) if flag]
+            if flagged:
+                raise ContentPolicyError(
+                    f"the safety checker flagged output(s) {flagged} (seeds {[stats.seeds[i] for i in flagged]});"
+                    " nothing is returned"
+                )
         stats.seconds = time.perf_counter() - started
         return UpscaleResult(images=images, stats=stats)
+
+    def safety_checker(self) -> SafetyChecker:
+        """The safety checker, loaded on first use; `ParamError` saying how to install it if it is not."""
+        if self._safety_checker is None:
+            if not is_installed(self.safety_checker_dir):
+                raise not_installed(self.safety_checker_dir)
+            self._safety_checker = SafetyChecker.load(self.safety_checker_dir, device=self.device)
+        return self._safety_checker
 
     def _upscale_rgb(
         self,
@@ -301,6 +359,7 @@ class Upscaler:
         variants: int,
         progress: ProgressCallback | None,
         stats: UpscaleStats,
+        pre_upscaler: PreUpscaler,
     ) -> Image.Image:
         """Run the chained passes for one variant."""
         factors = plan_passes(params.scale_factor)
@@ -315,7 +374,7 @@ class Upscaler:
                 target = snap_to_latent_grid(target)
 
             started = time.perf_counter()
-            pre_upscaled = self._pre_upscale(rgb, target, params.pattern)
+            pre_upscaled = self._pre_upscale(pre_upscaler, rgb, target, params.pattern)
             preupscale_seconds = time.perf_counter() - started
 
             settings = self._pass_settings(params, pass_index=index, seed=seed + index)
@@ -328,6 +387,11 @@ class Upscaler:
                 progress(ProgressEvent(variant, variants, index, len(factors), 0, 0))
             reference = pil_to_tensor(pre_upscaled)
             result, pass_stats = self.pipeline(reference, settings, on_step=on_step)
+            if not torch.isfinite(result).all():
+                # Written out, NaNs would become a black or garbled image that looks like a result.
+                speed = self.acceleration
+                dtypes = f" (models in {speed.dtype}, VAE in {speed.vae_dtype})" if speed is not None else ""
+                raise RuntimeError(f"pass {index + 1} produced NaN or infinite pixels{dtypes}; retry with --dtype fp32")
             pass_stats.input_size = rgb.size
             pass_stats.seconds = {"pre_upscale": preupscale_seconds, **pass_stats.seconds}
             if pass_stats.denoising_steps > 0:
@@ -341,8 +405,9 @@ class Upscaler:
             rgb = resize_periodic(lanczos, rgb, final_size)
         return rgb
 
-    def _pre_upscale(self, rgb: Image.Image, size: tuple[int, int], wrap: bool) -> Image.Image:
-        return resize_periodic(self.pre_upscaler, rgb, size) if wrap else self.pre_upscaler(rgb, size)
+    @staticmethod
+    def _pre_upscale(pre_upscaler: PreUpscaler, rgb: Image.Image, size: tuple[int, int], wrap: bool) -> Image.Image:
+        return resize_periodic(pre_upscaler, rgb, size) if wrap else pre_upscaler(rgb, size)
 
     @staticmethod
     def _pass_settings(params: UpscaleParams, pass_index: int, seed: int) -> PassSettings:

@@ -93,13 +93,13 @@ class Catalogue:
         if not root.is_dir():
             raise WeightsError(f"{root} is a file; --weights takes a folder. Put checkpoints in <root>/models/"
                                " (see weights/README.md).")
+        # Either layout may hold the optional folders beside its model(s).
+        extras = {name: (root / folder if (root / folder).is_dir() else None) for name, folder in EXTRA_FOLDERS.items()}
         if (root / "unet").is_dir():
             found = {DEFAULT_MODEL_ID: ModelSource(base=root)}
-            catalogue = cls(root=root, models=found, default_model=DEFAULT_MODEL_ID, single_model=True)
+            catalogue = cls(root=root, models=found, default_model=DEFAULT_MODEL_ID, single_model=True, **extras)
         else:
             found = _discover_models(root)
-            extras = {name: (root / folder if (root / folder).is_dir() else None)
-                      for name, folder in EXTRA_FOLDERS.items()}
             first = DEFAULT_MODEL_ID if DEFAULT_MODEL_ID in found else next(iter(found))
             catalogue = cls(root=root, models=found, default_model=first, **extras)
         return catalogue._select(models, default_model)
@@ -140,10 +140,17 @@ class Catalogue:
 def upscaler_kwargs(catalogue: Catalogue, model_id: str) -> dict[str, Any]:
     """The `Upscaler.from_pretrained` keyword arguments that load `model_id` from `catalogue`.
 
-    The one place the catalogue meets the engine: the shared folders (`catalogue.loras`,
-    `.embeddings`, `.upscalers`, `.safety_checker`) are added here as `Upscaler` learns to use them.
+    The one place the catalogue meets the engine: the model's parts and the shared folders of
+    LoRAs, embeddings, pre-upscalers and the safety checker.
     """
-    return {"path": catalogue.source(model_id)}
+    return {
+        "path": catalogue.source(model_id),
+        "name": model_id,
+        "lora_dir": catalogue.loras,
+        "embeddings_dir": catalogue.embeddings,
+        "upscalers_dir": catalogue.upscalers,
+        "safety_checker_dir": catalogue.safety_checker,
+    }
 
 
 def suggested_id(name: str) -> str:
@@ -296,9 +303,6 @@ def _model_problem(source: ModelSource) -> str | None:
     try:
         check_model_folder(source)
     except WeightsError as error:
-        if source.base.is_file():
-            # The file itself looked right: it is this version's loader that cannot read it.
-            return f"needs single-file support: {error}"
         return str(error)
     parts = {"unet": source.base / "unet", "text_encoder": source.base / "text_encoder",
              "controlnet": source.controlnet_path, "vae": source.vae_path}

@@ -174,7 +174,15 @@ TINY_MARKER = "CLARITY_TINY_MODEL"
 
 #: The formats `save_tiny_weights` can write: the diffusers folder layout, and single files in the
 #: original Stable Diffusion format (safetensors, plus the pickled .ckpt/.pth kinds).
-FORMATS = ("diffusers", "single-file")
+FORMATS = ("diffusers", "single-file", "extras")
+#: What the "extras" format writes, relative to the folder: the optional parts a weights
+#: folder may hold (see weights/README.md), each in the format users have them in.
+EXTRA_FILES = {
+    "lora": "loras/tiny-detail.safetensors",  # kohya format, as Civitai LoRAs come
+    "embedding": "embeddings/tiny-negative.safetensors",  # textual inversion (`emb_params`)
+    "upscaler": "upscalers/tiny-esrgan-4x.pth",  # ESRGAN (RRDBNet) in the original key layout
+    "safety_checker": "safety_checker",  # a checker that never flags
+}
 #: The single files written by the "single-file" format, by role.
 SINGLE_FILES = {
     "checkpoint": "tiny-sd15.safetensors",
@@ -191,7 +199,8 @@ def save_tiny_weights(folder: str | Path, seed: int = 0, formats: tuple[str, ...
     "diffusers" writes the diffusers folder layout (safetensors files), the one real weights use
     (see weights/README.md). "single-file" writes `SINGLE_FILES` into `folder`: a whole SD
     checkpoint, a ControlNet and a VAE with the original key names, as studios keep real models.
-    Every format loads through the same `load_components`.
+    Every format loads through the same `load_components`. "extras" writes `EXTRA_FILES`: a
+    LoRA, an embedding, an ESRGAN pre-upscaler and a safety checker for the tiny model.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -207,7 +216,20 @@ def save_tiny_weights(folder: str | Path, seed: int = 0, formats: tuple[str, ...
     if "single-file" in formats:
         folder.mkdir(parents=True, exist_ok=True)
         _save_single_files(pipeline, folder)
+    if "extras" in formats:
+        _save_extras(pipeline, folder, seed)
     return folder
+
+
+def _save_extras(pipeline, folder: Path, seed: int) -> None:
+    from clarity.engine.esrgan import save_tiny_esrgan
+    from clarity.engine.safety import save_tiny_safety_checker
+    from clarity.models.tiny_adapters import save_tiny_embedding, save_tiny_lora
+
+    save_tiny_lora(folder / EXTRA_FILES["lora"], pipeline, seed=seed)
+    save_tiny_embedding(folder / EXTRA_FILES["embedding"], pipeline.text_encoder.config.hidden_size, seed=seed)
+    save_tiny_esrgan(folder / EXTRA_FILES["upscaler"], seed=seed)
+    save_tiny_safety_checker(folder / EXTRA_FILES["safety_checker"], seed=seed)
 
 
 def _save_single_files(pipeline, folder: Path) -> None:

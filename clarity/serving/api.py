@@ -8,6 +8,7 @@ every expected failure is raised as one, with an OpenAI-shaped error as its deta
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -16,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 import litserve as ls
 from fastapi import HTTPException
 
+from clarity.engine.acceleration import SpeedOptions
+from clarity.engine.safety import ContentPolicyError
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS, encode_image
 from clarity.params import ParamError
 from clarity.serving import openai
+from clarity.serving.cancellation import REQUEST_ID_FIELD, CancelRegistry
 from clarity.serving.files import FILES_ROUTE, FileStore
 
 if TYPE_CHECKING:
@@ -27,8 +31,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 class _ComputeTimeout(Exception):
     """Raised from the engine's progress callback when a request's compute budget is spent."""
+
+
+class _ClientGone(Exception):
+    """Raised from the engine's progress callback when the request's client has disconnected."""
+
+
+#: The status logged for work stopped because its client left (nginx's "client closed request");
+#: nobody is there to receive it.
+CLIENT_GONE_STATUS = 499
 
 
 def http_error(error: openai.APIError) -> HTTPException:
@@ -52,8 +66,12 @@ class UpscaleAPI(ls.LitAPI):
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
         max_compute_seconds: float | None = None,
+        speed: SpeedOptions | None = None,
+        cancellations: CancelRegistry | None = None,
     ) -> None:
         super().__init__(api_path=openai.EDITS_PATH)
+        #: Requests whose clients disconnected (marked by the HTTP process, read here).
+        self.cancellations = cancellations
         self.catalogue = catalogue
         self.output_dir = Path(output_dir)
         self.public_url = public_url.rstrip("/")
@@ -61,6 +79,7 @@ class UpscaleAPI(ls.LitAPI):
         self.max_input_pixels = max_input_pixels
         self.max_output_pixels = max_output_pixels
         self.max_compute_seconds = max_compute_seconds
+        self.speed = speed or SpeedOptions()
 
     def setup(self, device: str) -> None:
         from clarity import Upscaler
@@ -69,7 +88,7 @@ class UpscaleAPI(ls.LitAPI):
         self.upscalers: dict[str, Upscaler] = {}
         for model_id in self.catalogue.models:
             upscaler = Upscaler.from_pretrained(**upscaler_kwargs(self.catalogue, model_id), device=device,
-                                                max_output_pixels=self.max_output_pixels)
+                                                max_output_pixels=self.max_output_pixels, speed=self.speed)
             if upscaler.tiny_model:
                 logger.warning("model %s is the tiny test model: its outputs have no meaningful detail", model_id)
             self.upscalers[model_id] = upscaler
@@ -79,9 +98,16 @@ class UpscaleAPI(ls.LitAPI):
     # (a starlette Request), and hands this method the parsed multipart form.
     def decode_request(self, request) -> openai.EditRequest:
         """Validate the form into an `EditRequest`; every mistake is a 4xx naming its field."""
+        items = request.multi_items()
+        request_id = None
+        if items and items[0][0] == REQUEST_ID_FIELD:  # put first by the HTTP process
+            request_id, items = items[0][1], items[1:]
+        if self._cancelled(request_id):
+            logger.warning("request %s skipped: its client disconnected while it was queued", request_id)
+            raise HTTPException(CLIENT_GONE_STATUS)
         try:
-            return openai.parse_edit_form(request.multi_items(), self.catalogue.models,
-                                          max_input_pixels=self.max_input_pixels)
+            edit = openai.parse_edit_form(items, self.catalogue.models, max_input_pixels=self.max_input_pixels)
+            return dataclasses.replace(edit, request_id=request_id)
         except openai.APIError as error:
             raise http_error(error) from None
         except ParamError as error:
@@ -95,15 +121,22 @@ class UpscaleAPI(ls.LitAPI):
             # upscale can stop early.
             if self.max_compute_seconds and time.monotonic() - started > self.max_compute_seconds:
                 raise _ComputeTimeout
+            if self._cancelled(request.request_id):
+                raise _ClientGone
 
         upscaler = self.upscalers[request.model or self.catalogue.default_model]
         try:
             result = upscaler.upscale(
                 request.image, request.params, num_images=request.n, mask=request.mask, progress=check_deadline
             )
+        except _ClientGone:
+            logger.warning("request %s stopped: its client disconnected", request.request_id)
+            raise HTTPException(CLIENT_GONE_STATUS) from None
         except _ComputeTimeout:
             message = f"The upscale took longer than this server's limit of {self.max_compute_seconds:g} s."
             raise http_error(openai.APIError(504, message, code="compute_timeout")) from None
+        except ContentPolicyError as error:
+            raise http_error(openai.content_policy_violation(error.message)) from None
         except ParamError as error:
             raise http_error(openai.invalid(error.param, str(error))) from None
         except Exception:
@@ -111,6 +144,9 @@ class UpscaleAPI(ls.LitAPI):
             logger.exception("upscale failed")
             raise http_error(openai.APIError(500, "The upscale failed on the server.")) from None
         return request, result
+
+    def _cancelled(self, request_id: str | None) -> bool:
+        return self.cancellations is not None and self.cancellations.is_cancelled(request_id)
 
     def encode_response(self, output: tuple[openai.EditRequest, Any]) -> dict[str, Any]:
         request, result = output

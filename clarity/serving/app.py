@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,7 +40,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.serving import openai
+from clarity.serving.cancellation import CancelRegistry, tag_request
 from clarity.serving.files import DEFAULT_TTL_SECONDS, FILES_ROUTE, FileStore
+
+if TYPE_CHECKING:
+    from clarity.engine.acceleration import SpeedOptions
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +80,10 @@ class GuardMiddleware:
     """Auth, body size limit, readiness and queue bound, checked before any route or form parsing.
 
     A plain ASGI middleware (not LitAPI.authorize, which LitServe also puts on /health).
-    `max_queue` bounds the edit requests this process holds at once, from the first byte of the
-    body to the answer, so a retry storm is refused before its uploads are buffered.
+    Edit requests are tagged so that a client's disconnect cancels its work (see
+    serving/cancellation.py). `max_queue` bounds the edit requests this process holds at once,
+    from the first byte of the body to the answer, so a retry storm is refused before its
+    uploads are buffered.
     """
 
     def __init__(
@@ -87,9 +93,11 @@ class GuardMiddleware:
         api_key: str | None,
         max_body_bytes: int,
         workers_ready: Callable[[], bool],
+        cancellations: CancelRegistry,
         max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         self.app = app
+        self.cancellations = cancellations
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.workers_ready = workers_ready
@@ -150,7 +158,8 @@ class GuardMiddleware:
         # Single-threaded event loop: the check above and this increment cannot interleave.
         self.pending += 1
         try:
-            await self.app(scope, limited_receive, send)
+            async with tag_request(scope, limited_receive, send, self.cancellations) as tagged:
+                await self.app(*tagged)
         finally:
             self.pending -= 1
 
@@ -234,6 +243,7 @@ def build_server(
     max_output_pixels: int | None = None,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     max_compute_seconds: float | None = None,
+    speed: SpeedOptions | None = None,
 ) -> Any:
     """A ready-to-run `litserve.LitServer` for the models in `weights` (a weights root or one model folder).
 
@@ -243,7 +253,8 @@ def build_server(
     as `{public_url}/v1/files/<token>.<ext>` and kept in `output_dir` (a new temporary folder
     by default) for `file_ttl_seconds`. A request waits at most `timeout` seconds for a worker
     to start it; each HTTP process holds at most `max_queue` edit requests; on shutdown,
-    accepted requests get `shutdown_timeout` seconds to finish.
+    accepted requests get `shutdown_timeout` seconds to finish. `speed` (`SpeedOptions`) sets
+    how each worker runs the models.
     """
     # Imported here so that `clarity --help` does not pay for the web stack.
     from litserve.utils import WorkerSetupStatus
@@ -254,10 +265,11 @@ def build_server(
 
     catalogue = Catalogue.discover(weights, models=models, default_model=default_model)
     output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
+    cancellations = CancelRegistry(tempfile.mkdtemp(prefix="clarity-cancelled-"))
     limits = {"max_output_pixels": max_output_pixels} if max_output_pixels else {}
     api = UpscaleAPI(
         catalogue, output_dir, public_url, file_ttl_seconds, max_input_pixels=max_input_pixels,
-        max_compute_seconds=max_compute_seconds, **limits,
+        max_compute_seconds=max_compute_seconds, speed=speed, cancellations=cancellations, **limits,
     )
     server = SupervisedLitServer(
         api,
@@ -305,6 +317,7 @@ def build_server(
         api_key=api_key,
         max_body_bytes=max_payload_bytes,
         workers_ready=workers_ready,
+        cancellations=cancellations,
         max_queue=max_queue,
     )
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
@@ -348,7 +361,7 @@ def build_server(
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` options, shared by `clarity serve` and `python server.py`."""
-    from clarity.cli import DEFAULT_WEIGHTS, WEIGHTS_HELP
+    from clarity.cli import DEFAULT_WEIGHTS, WEIGHTS_HELP, add_speed_arguments
 
     parser.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help=WEIGHTS_HELP)
     parser.add_argument("--models", type=_model_ids, default=None, metavar="ID,ID",
@@ -391,6 +404,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-compute-seconds", type=float, default=None,
                         help="Stop an upscale that has run this long and answer 504 compute_timeout"
                              " (default: no limit).")
+    add_speed_arguments(parser)
+
+
+def check_speed_for_accelerator(speed: SpeedOptions, accelerator: str) -> None:
+    """Raise `ParamError` naming the flag if `--accelerator` and the speed flags cannot work here."""
+    import torch
+
+    from clarity.engine.acceleration import resolve_dtype
+    from clarity.params import ParamError
+
+    cuda = torch.cuda.is_available()
+    if accelerator == "cuda" and not cuda:
+        raise ParamError("accelerator", "--accelerator cuda: CUDA is not available here (no NVIDIA GPU or driver,"
+                                        " or a CPU-only torch build); use --accelerator cpu")
+    resolve_dtype(speed, torch.device("cuda" if accelerator != "cpu" and cuda else "cpu"))
 
 
 def _model_ids(text: str) -> list[str]:
@@ -399,6 +427,7 @@ def _model_ids(text: str) -> list[str]:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; exit at once (1) if the weights are unusable."""
+    from clarity.cli import speed_options
     from clarity.models.catalogue import Catalogue
     from clarity.models.loading import WeightsError, check_model_folder
     from clarity.params import ParamError
@@ -411,6 +440,8 @@ def serve(args: argparse.Namespace) -> int:
         # Before LitServe starts: otherwise every worker would die loading, one traceback each.
         print(f"clarity: error: {error}", file=sys.stderr)
         return 1
+    speed = speed_options(args)
+    check_speed_for_accelerator(speed, args.accelerator)  # likewise: refused here, not in every worker
     api_key = args.api_key or os.environ.get("CLARITY_API_KEY") or None
     devices: int | str = int(args.devices) if str(args.devices).isdigit() else args.devices
     server = build_server(
@@ -430,6 +461,7 @@ def serve(args: argparse.Namespace) -> int:
         max_output_pixels=int(args.max_output_mp * 1_000_000) if args.max_output_mp else None,
         shutdown_timeout=args.shutdown_timeout,
         max_compute_seconds=args.max_compute_seconds,
+        speed=speed,
     )
     logger.info("serving %s (default %s) from %s", ", ".join(catalogue.models), catalogue.default_model,
                 args.weights)

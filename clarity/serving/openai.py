@@ -169,6 +169,11 @@ def invalid(param: str, message: str, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def content_policy_violation(message: str) -> APIError:
+    """OpenAI's answer when its safety system rejects a request: 400 `content_policy_violation`."""
+    return APIError(400, message, code="content_policy_violation")
+
+
 def model_not_found(name: str, available: Iterable[str], param: str = "model") -> APIError:
     served = ", ".join(f"`{model_id}`" for model_id in available)
     return APIError(
@@ -195,6 +200,8 @@ class EditRequest:
     mask: Image.Image | None = None
     #: The model id asked for; None means the server's default model.
     model: str | None = None
+    #: The server's own id for the HTTP request (see serving/cancellation.py); None outside a server.
+    request_id: str | None = None
 
 
 def _is_file(value: Any) -> bool:
