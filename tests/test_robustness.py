@@ -46,6 +46,8 @@ QUEUE_TIMEOUT = 2
 #: Seconds the subprocess server gives in-flight work after SIGTERM: generous, since a loaded
 #: two-core machine was seen to need over 20 s for the SLOW request.
 SHUTDOWN_TIMEOUT = 60
+#: Seconds the subprocess server gives a client to send its request body.
+UPLOAD_TIMEOUT = 3
 ROOT = Path(__file__).resolve().parent.parent
 #: Torch threads per inference worker. One keeps timings predictable on a loaded two-core
 #: machine, where OpenMP threads spinning at barriers were seen to slow each request tenfold.
@@ -445,7 +447,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, str(ROOT / "server.py"), "--weights", str(weights), "--host", "127.0.0.1",
                    "--port", str(self.port), "--accelerator", "cpu", "--api-key", KEY,
-                   "--queue-timeout", str(QUEUE_TIMEOUT), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
+                   "--queue-timeout", str(QUEUE_TIMEOUT), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
+                   "--upload-timeout", str(UPLOAD_TIMEOUT)]
         env = {**os.environ, "OMP_NUM_THREADS": ONE_THREAD}
         with open(log, "wb") as output:
             # Its own session, so that stop() can end it and all its children.
@@ -573,6 +576,24 @@ def test_a_client_that_hangs_up_stops_its_running_upscale(served):
     while "stopped: its client disconnected" not in served.log.read_text(errors="replace"):
         assert time.monotonic() < deadline, "the worker did not report stopping the abandoned request"
         time.sleep(0.2)
+
+
+def test_a_trickling_upload_gets_a_408_and_frees_its_slot(served):
+    body = b"x" * 1000
+    head = (f"POST /v1/images/edits HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=UPLOAD_TIMEOUT + 10) as connection:
+        connection.sendall(head + body[:100])  # ... and then nothing more
+        started = time.monotonic()
+        answer = b""
+        while not answer.endswith(b"}}") and (chunk := connection.recv(65536)):
+            answer += chunk
+        answer = answer.decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert '"code":"upload_timeout"' in answer
+    assert time.monotonic() - started < UPLOAD_TIMEOUT + 5
+    assert post_edit(served.http, png(16, 16)).status_code == 200
 
 
 def test_a_queued_request_whose_client_left_is_skipped(tiny_weights, tmp_path):

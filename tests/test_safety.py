@@ -56,7 +56,8 @@ def test_checker_verdicts(checkers):
     assert SafetyChecker.load(checkers["always"]).flagged(images) == [True, True]
 
 
-def test_server_answers_a_flag_with_openais_content_policy_error():
+def test_server_answers_a_flag_with_openais_content_policy_error(tiny_weights):
+    from clarity.models.catalogue import Catalogue
     from clarity.serving.api import UpscaleAPI
     from clarity.serving.openai import EditRequest
 
@@ -64,8 +65,8 @@ def test_server_answers_a_flag_with_openais_content_policy_error():
         def upscale(self, *args, **kwargs):
             raise ContentPolicyError("the safety checker flagged output(s) [0]")
 
-    api = UpscaleAPI("weights", "out", "http://testserver", 60)
-    api.upscaler = FlaggingUpscaler()
+    api = UpscaleAPI(Catalogue.discover(tiny_weights), "out", "http://testserver", 60)
+    api.upscalers = {"clarity-upscaler": FlaggingUpscaler()}
     request = EditRequest(make_test_image(16, 16), UpscaleParams(enable_safety_checker=True))
     with pytest.raises(HTTPException) as caught:
         api.predict(request)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from clarity.cli import main
 from clarity.models import single_file
 from clarity.models.loading import ModelSource, WeightsError, check_source, load_components
-from clarity.models.tiny import FORMATS, SINGLE_FILES, save_tiny_weights
+from clarity.models.tiny import EXTRA_FILES, FORMATS, SINGLE_FILES, save_tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -262,4 +262,6 @@ def test_weights_tiny_command_writes_every_format(tmp_path):
     for name in SINGLE_FILES.values():
         assert (tmp_path / "tiny" / name).is_file()
     assert (tmp_path / "tiny" / "unet" / "config.json").is_file()
-    assert set(FORMATS) == {"diffusers", "single-file"}
+    for name in EXTRA_FILES.values():
+        assert (tmp_path / "tiny" / name).exists()
+    assert set(FORMATS) == {"diffusers", "single-file", "extras"}

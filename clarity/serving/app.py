@@ -58,6 +58,9 @@ DEFAULT_MAX_QUEUE = 16
 QUEUE_FULL_RETRY_AFTER = 10
 #: Seconds SIGTERM waits for accepted requests to finish before the workers are stopped.
 DEFAULT_SHUTDOWN_TIMEOUT = 30
+#: Seconds a client may take to send its whole request body; a slower upload gets a 408 and
+#: frees the queue slot it held (50 MB at this limit is about 3.5 Mbit/s).
+DEFAULT_UPLOAD_TIMEOUT = 120
 #: Seconds between LitServe's checks for dead inference workers (its default is 2).
 WORKER_MONITOR_INTERVAL = 0.5
 #: Routes anyone may call: load balancers probe /health without credentials.
@@ -95,9 +98,11 @@ class GuardMiddleware:
         workers_ready: Callable[[], bool],
         cancellations: CancelRegistry,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT,
     ) -> None:
         self.app = app
         self.cancellations = cancellations
+        self.upload_timeout = upload_timeout
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.workers_ready = workers_ready
@@ -141,11 +146,22 @@ class GuardMiddleware:
             return
 
         received = 0
+        body_done = False
+        upload_deadline = asyncio.get_running_loop().time() + self.upload_timeout
 
         async def limited_receive() -> Message:
-            # Chunked uploads carry no Content-Length: count as they arrive.
-            nonlocal received
-            message = await receive()
+            # Chunked uploads carry no Content-Length: count as they arrive. A trickling upload
+            # would hold a queue slot for as long as its client likes: bound its time too.
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            remaining = upload_deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.0))
+            except TimeoutError:
+                message = f"The request body did not arrive within {self.upload_timeout:g} s."
+                raise HTTPException(408, detail=openai.error_body(408, message, code="upload_timeout")) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
                 # FastAPI's subclass: LitServe's endpoint re-raises only that one, as it is.
@@ -239,6 +255,7 @@ def build_server(
     file_ttl_seconds: float = DEFAULT_TTL_SECONDS,
     timeout: float = DEFAULT_QUEUE_TIMEOUT,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT,
     max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
     max_output_pixels: int | None = None,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
@@ -252,7 +269,8 @@ def build_server(
     `public_url` is the base URL clients reach this server at; url-mode results are returned
     as `{public_url}/v1/files/<token>.<ext>` and kept in `output_dir` (a new temporary folder
     by default) for `file_ttl_seconds`. A request waits at most `timeout` seconds for a worker
-    to start it; each HTTP process holds at most `max_queue` edit requests; on shutdown,
+    to start it; each HTTP process holds at most `max_queue` edit requests, whose bodies must
+    arrive within `upload_timeout` seconds; on shutdown,
     accepted requests get `shutdown_timeout` seconds to finish. `speed` (`SpeedOptions`) sets
     how each worker runs the models.
     """
@@ -319,6 +337,7 @@ def build_server(
         workers_ready=workers_ready,
         cancellations=cancellations,
         max_queue=max_queue,
+        upload_timeout=upload_timeout,
     )
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
@@ -395,6 +414,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help="Edit requests held at once (queued or running) per HTTP process before answering"
                              f" 429 queue_full (default: {DEFAULT_MAX_QUEUE}).")
+    parser.add_argument("--upload-timeout", type=float, default=DEFAULT_UPLOAD_TIMEOUT,
+                        help="Seconds a client may take to send its request body before a 408 upload_timeout"
+                             f" (default: {DEFAULT_UPLOAD_TIMEOUT}).")
     parser.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT,
                         help="Seconds a request may wait for a free worker before a 504 queue_timeout"
                              f" (default: {DEFAULT_QUEUE_TIMEOUT}).")
@@ -457,6 +479,7 @@ def serve(args: argparse.Namespace) -> int:
         max_payload_bytes=int(args.max_payload_mb * 1_000_000),
         timeout=args.queue_timeout,
         max_queue=args.max_queue,
+        upload_timeout=args.upload_timeout,
         max_input_pixels=int(args.max_input_mp * 1_000_000),
         max_output_pixels=int(args.max_output_mp * 1_000_000) if args.max_output_mp else None,
         shutdown_timeout=args.shutdown_timeout,
