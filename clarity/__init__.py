@@ -13,19 +13,28 @@ from typing import TYPE_CHECKING, Any
 from clarity.params import ParamError, UpscaleParams
 
 if TYPE_CHECKING:
+    from clarity.engine.acceleration import SpeedOptions
+    from clarity.engine.safety import ContentPolicyError
     from clarity.engine.upscaler import ProgressEvent, Upscaler, UpscaleResult, UpscaleStats
 
-__all__ = ["ParamError", "ProgressEvent", "UpscaleParams", "UpscaleResult", "UpscaleStats", "Upscaler"]
+__all__ = [
+    "ContentPolicyError", "ParamError", "ProgressEvent", "SpeedOptions", "UpscaleParams", "UpscaleResult",
+    "UpscaleStats", "Upscaler",
+]
 __version__ = "0.1.0"
 
-_ENGINE_NAMES = {"ProgressEvent", "Upscaler", "UpscaleResult", "UpscaleStats"}
+#: Public names and the engine module each lives in.
+_ENGINE_NAMES = {
+    "ProgressEvent": "upscaler", "Upscaler": "upscaler", "UpscaleResult": "upscaler", "UpscaleStats": "upscaler",
+    "SpeedOptions": "acceleration", "ContentPolicyError": "safety",
+}
 
 
 def __getattr__(name: str) -> Any:
     # The engine pulls in torch and diffusers (~8 s); `clarity --help`, the parameter
     # definitions and the HTTP front end should not pay for that until a model is needed.
     if name in _ENGINE_NAMES:
-        from clarity.engine import upscaler
+        import importlib
 
-        return getattr(upscaler, name)
+        return getattr(importlib.import_module(f"clarity.engine.{_ENGINE_NAMES[name]}"), name)
     raise AttributeError(f"module 'clarity' has no attribute {name!r}")

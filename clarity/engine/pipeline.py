@@ -197,8 +197,11 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
 
         # 7. Decode, and crop the padding away.
         started = time.perf_counter()
-        result = vae_ops.decode(self.vae, latents, settings.vae_tile_size, settings.wrap)[..., :height, :width].cpu()
-        vae_plan = vae_ops.tile_plan(latents.shape[-2], latents.shape[-1], settings.vae_tile_size)
+        result = vae_ops.decode(self.vae, latents, settings.vae_tile_size, settings.wrap)
+        result = result[..., :height, :width].cpu()
+        # With wrap the decoder sees the latent with a periodic margin on every side.
+        margin = 2 * vae_ops.DECODER_CONTEXT if settings.wrap else 0
+        vae_plan = vae_ops.tile_plan(latents.shape[-2] + margin, latents.shape[-1] + margin, settings.vae_tile_size)
         stats.vae_tiles = 1 if vae_plan is None else len(vae_plan.tiles)
         stats.seconds["vae_decode"] = time.perf_counter() - started
         return result, stats
