@@ -1,0 +1,105 @@
+"""Scaling: wall time and peak RSS against output megapixels, this engine vs. the naive pipeline.
+
+Every job (engine x output size) runs in a fresh process (benchmarks/job.py) so that its peak
+RSS is its own: this engine, diffusers' ControlNet img2img pipeline on the whole image, and the
+same with diffusers' VAE tiling, all on the same model with the same steps, strength, guidance
+and seed. The engines alternate within each size so machine noise hits them alike. A naive
+variant stops at the caps below; once stopped it is not tried at larger sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Bench, run_capped
+from benchmarks.job import ENGINES, GUIDANCE, NAIVE_VAE_TILE, STEPS, STRENGTH
+
+#: Output sides (square): 0.26, 1, 4 and 16.8 MP in full mode.
+SIDES = (512, 1024, 2048, 4096)
+QUICK_SIDES = (512, 1024)
+#: A job is stopped past this wall time (loading included) or resident memory.
+MAX_SECONDS = 600
+QUICK_MAX_SECONDS = 180
+MAX_RSS_BYTES = 8 * 10**9
+
+
+def measure(
+    weights: Path, sides: tuple[int, ...], max_seconds: float, max_rss_bytes: int, engines: tuple[str, ...] = ENGINES
+) -> list[dict[str, Any]]:
+    """One row per (side, engine); rows of stopped jobs say why instead of giving numbers."""
+    rows = []
+    stopped_at: dict[str, int] = {}
+    for side in sides:
+        for engine in engines:
+            row: dict[str, Any] = {"engine": engine, "side": side, "megapixels": side * side / 1e6}
+            if engine in stopped_at:
+                row["stopped"] = f"not run: stopped at {stopped_at[engine]} px already"
+            else:
+                row.update(run_capped(["benchmarks.job", engine, "--weights", str(weights), "--side", str(side)],
+                                      max_seconds, max_rss_bytes))
+                if "stopped" in row:
+                    stopped_at[engine] = side
+                else:
+                    row["seconds_per_mp"] = row["seconds"] / row["megapixels"]
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, computed from the rows (None where a needed row is missing)."""
+    ours = {r["side"]: r for r in rows if r["engine"] == "clarity" and "seconds" in r}
+    at_least_1mp = [side for side in ours if side >= 1024]
+    per_mp = [ours[side]["seconds_per_mp"] for side in at_least_1mp]
+    summary: dict[str, Any] = {
+        "seconds_per_mp_spread_from_1mp": max(per_mp) / min(per_mp) - 1 if len(per_mp) > 1 else None,
+        "peak_rss_growth_4_to_16mp_gb": (
+            (ours[4096]["peak_rss_mb"] - ours[2048]["peak_rss_mb"]) / 1024 if {2048, 4096} <= ours.keys() else None
+        ),
+    }
+    for engine in ENGINES[1:]:
+        speedups = {}
+        for row in rows:
+            if row["engine"] == engine and row["side"] in ours:
+                if "seconds" in row:
+                    speedups[row["side"]] = row["seconds"] / ours[row["side"]]["seconds"]
+                else:
+                    speedups[row["side"]] = f"> {row.get('seconds_until_stopped', 'cap')} s: {row['stopped']}"
+        summary[f"speedup_vs_{engine}"] = speedups
+    return summary
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    sides = QUICK_SIDES if bench.quick else SIDES
+    max_seconds = QUICK_MAX_SECONDS if bench.quick else MAX_SECONDS
+    rows = measure(bench.weights, sides, max_seconds, MAX_RSS_BYTES)
+    return {
+        "rows": rows,
+        "summary": summarize(rows),
+        "job": {"scheduler_steps": STEPS, "strength": STRENGTH, "guidance_scale": GUIDANCE, "scale_factor": 2,
+                "naive_vae_tile_px": NAIVE_VAE_TILE},
+        "caps": {"max_seconds_including_loading": max_seconds, "max_rss_gb": MAX_RSS_BYTES / 1e9},
+    }
+
+
+def chart(result: dict[str, Any], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for engine in ENGINES:
+        done = [r for r in result["rows"] if r["engine"] == engine and "seconds" in r]
+        megapixels = [r["megapixels"] for r in done]
+        time_axis.plot(megapixels, [r["seconds_per_mp"] for r in done], marker="o", label=engine)
+        memory_axis.plot(megapixels, [r["peak_rss_mb"] / 1024 for r in done], marker="o", label=engine)
+    for axis in (time_axis, memory_axis):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("output megapixels")
+        axis.legend()
+    time_axis.set_ylabel("seconds per output MP")
+    memory_axis.set_ylabel("peak RSS (GB)")
+    figure.suptitle("Scaling (tiny model, CPU; stopped jobs not drawn)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
