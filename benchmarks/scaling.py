@@ -1,5 +1,9 @@
 """Scaling: wall time and peak RSS against output megapixels, this engine vs. the naive pipeline.
 
+Also, in-process: the UNet + ControlNet forward's time per latent pixel at the tile size the
+planner picks for each output size, which is what this engine's time per megapixel follows
+(attention's cost grows with the tile's area).
+
 Every job (engine x output size) runs in a fresh process (benchmarks/job.py) so that its peak
 RSS is its own: this engine, diffusers' ControlNet img2img pipeline on the whole image, and the
 same with diffusers' VAE tiling, all on the same model with the same steps, strength, guidance
@@ -9,11 +13,16 @@ variant stops at the caps below; once stopped it is not tried at larger sizes.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.common import Bench, run_capped
 from benchmarks.job import ENGINES, GUIDANCE, NAIVE_VAE_TILE, STEPS, STRENGTH
+from clarity.engine.tiling import plan_tiles
+from clarity.params import UpscaleParams
 
 #: Output sides (square): 0.26, 1, 4 and 16.8 MP in full mode.
 SIDES = (512, 1024, 2048, 4096)
@@ -46,6 +55,33 @@ def measure(
     return rows
 
 
+@torch.no_grad()
+def tile_costs(upscaler, sides: tuple[int, ...], rounds: int = 2) -> list[dict[str, Any]]:
+    """Best-of-`rounds` seconds of one ControlNet + UNet forward per latent pixel, at each side's tile."""
+    pipeline = upscaler.pipeline
+    defaults = UpscaleParams()
+    embeds, _ = pipeline.encode_prompt(defaults.prompt, defaults.negative_prompt, do_cfg=False)
+    rows = []
+    for side in sides:
+        latent = side // 8
+        plan = plan_tiles(latent, latent, defaults.tiling_height, defaults.tiling_width, defaults.tile_overlap)
+        height, width = plan.tile_height, plan.tile_width
+        sample = torch.randn(1, 4, height, width, generator=torch.Generator().manual_seed(0))
+        condition = torch.rand(1, 3, height * 8, width * 8, generator=torch.Generator().manual_seed(0))
+        best = float("inf")
+        for _ in range(rounds):
+            started = time.perf_counter()
+            down, mid = pipeline.controlnet(sample, 500, encoder_hidden_states=embeds, controlnet_cond=condition,
+                                            return_dict=False)
+            pipeline.unet(sample, 500, encoder_hidden_states=embeds, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid, return_dict=False)
+            best = min(best, time.perf_counter() - started)
+        rows.append({"side": side, "tile": [width, height], "tiles": len(plan.tiles),
+                     "area_ratio": plan.area_ratio, "forward_seconds": best,
+                     "ms_per_latent_pixel": best / (width * height) * 1000})
+    return rows
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets, computed from the rows (None where a needed row is missing)."""
     ours = {r["side"]: r for r in rows if r["engine"] == "clarity" and "seconds" in r}
@@ -75,6 +111,8 @@ def run(bench: Bench) -> dict[str, Any]:
     rows = measure(bench.weights, sides, max_seconds, MAX_RSS_BYTES)
     return {
         "rows": rows,
+        # Cheap next to the jobs, so at every size even with --quick: it explains the full run's curve.
+        "tile_costs": tile_costs(bench.upscaler, SIDES, rounds=1 if bench.quick else 2),
         "summary": summarize(rows),
         "job": {"scheduler_steps": STEPS, "strength": STRENGTH, "guidance_scale": GUIDANCE, "scale_factor": 2,
                 "naive_vae_tile_px": NAIVE_VAE_TILE},

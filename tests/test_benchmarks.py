@@ -81,3 +81,11 @@ def test_gpu_benchmark_is_skipped_with_a_reason_without_cuda(tmp_path, tiny_weig
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert "CUDA" in result["skipped"] and result["rows"] == []
     assert not (tmp_path / "gpu.png").exists()
+
+
+def test_tile_costs_follow_the_planned_tile(upscaler):
+    from benchmarks.scaling import tile_costs
+
+    rows = tile_costs(upscaler, sides=(256, 512), rounds=1)
+    assert [(r["tile"], r["tiles"]) for r in rows] == [([32, 32], 1), ([64, 64], 1)]  # the whole latent
+    assert all(r["ms_per_latent_pixel"] > 0 for r in rows)
