@@ -28,7 +28,7 @@ from clarity.params import UpscaleParams
 SIDES = (512, 1024, 2048, 4096)
 QUICK_SIDES = (512, 1024)
 #: A job is stopped past this wall time (loading included) or resident memory.
-MAX_SECONDS = 600
+MAX_SECONDS = 240
 QUICK_MAX_SECONDS = 180
 MAX_RSS_BYTES = 8 * 10**9
 
