@@ -46,7 +46,7 @@ def test_scaling_stops_a_job_at_the_cap_and_skips_larger_sizes(tiny_weights):
     assert all("seconds" not in r for r in rows)
     assert rows[0]["stopped"].startswith("time cap")
     assert all(r["stopped"].startswith("not run") for r in rows if r["side"] == 128)
-    assert summarize(rows)["seconds_per_mp_spread_from_1mp"] is None
+    assert summarize(rows)["seconds_per_mp_largest_deviation_from_mean"] is None
 
 
 def test_time_shares_split_the_wall_time(upscaler):
