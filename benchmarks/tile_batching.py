@@ -11,15 +11,18 @@ from typing import Any
 
 from PIL import Image
 
+from benchmarks.common import Bench
+
 BATCH_SIZES = (1, 2, 4, 8)
 
 
-def run(upscaler, quick: bool) -> dict[str, Any]:
+def run(bench: Bench) -> dict[str, Any]:
+    upscaler = bench.upscaler
     source = Image.new("RGB", (256, 256), (120, 130, 140))
     job = {"num_inference_steps": 4, "creativity": 0.5, "tiling_width": 32, "tiling_height": 32, "seed": 1}
     seconds: dict[int, list[float]] = {size: [] for size in BATCH_SIZES}
     tiles = 0
-    for _ in range(1 if quick else 3):
+    for _ in range(1 if bench.quick else 3):
         for size in BATCH_SIZES:
             stats = upscaler.upscale(source, tile_batch_size=size, **job).stats.passes[0]
             seconds[size].append(stats.seconds["denoise"])

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import Bench
 from clarity.engine.tiling import plan_tiles
 
 TILE_WIDTH, TILE_HEIGHT = 112, 144  # latent pixels, the original's defaults
@@ -65,15 +66,15 @@ def measured_ratio(upscaler, side_px: int) -> float:
     return seen["area"] / steps / (latent * latent)
 
 
-def run(upscaler, quick: bool) -> dict[str, Any]:
+def run(bench: Bench) -> dict[str, Any]:
     sides = [1024, 2048, 4096, 8192]
-    measured_sides = [1024] if quick else [1024, 2048]
+    measured_sides = [1024] if bench.quick else [1024, 2048]
     rows = []
     for side in sides:
         row = {"output": f"{side}x{side}", "megapixels": round(side * side / 1e6, 1), **computed_ratios(side)}
         if side in measured_sides:
             with torch.no_grad():
-                row["ours_measured"] = measured_ratio(upscaler, side)
+                row["ours_measured"] = measured_ratio(bench.upscaler, side)
         rows.append(row)
     return {"rows": rows, "tile_limits_latent": [TILE_WIDTH, TILE_HEIGHT], "min_overlap": 8}
 

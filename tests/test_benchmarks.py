@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.tile_overhead import computed_ratios
@@ -18,3 +20,72 @@ def test_tile_overhead_baselines(side, original, ours):
     assert ratios["original_clarity"] == pytest.approx(original, abs=0.005)
     assert ratios["ours"] == pytest.approx(ours, abs=0.01)
     assert ratios["ours"] <= ratios["least_possible"] * 1.02  # the issue's target
+
+
+# --- tiny runs of the measuring benchmarks: they produce sane numbers, not meaningful ones ---------
+
+
+def test_scaling_measures_each_engine_in_its_own_process(tiny_weights):
+    from benchmarks.scaling import measure, summarize
+
+    rows = measure(tiny_weights, sides=(64,), max_seconds=300, max_rss_bytes=8 * 10**9,
+                   engines=("clarity", "naive_vae_tiling"))
+    assert [r["engine"] for r in rows] == ["clarity", "naive_vae_tiling"]
+    for row in rows:
+        assert row["seconds"] > 0 and row["seconds_per_mp"] == pytest.approx(row["seconds"] / row["megapixels"])
+        # ru_maxrss of a fresh process: at least what the loaded model holds, far from this process's
+        assert row["rss_after_loading_mb"] <= row["peak_rss_mb"] < 4096
+    summary = summarize(rows)
+    assert summary["speedup_vs_naive_vae_tiling"][64] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"])
+
+
+def test_scaling_stops_a_job_at_the_cap_and_skips_larger_sizes(tiny_weights):
+    from benchmarks.scaling import measure, summarize
+
+    rows = measure(tiny_weights, sides=(64, 128), max_seconds=0.5, max_rss_bytes=8 * 10**9, engines=("naive",))
+    assert all("seconds" not in r for r in rows)
+    assert rows[0]["stopped"].startswith("time cap")
+    assert all(r["stopped"].startswith("not run") for r in rows if r["side"] == 128)
+    assert summarize(rows)["seconds_per_mp_largest_deviation_from_mean"] is None
+
+
+def test_time_shares_split_the_wall_time(upscaler):
+    from benchmarks.time_shares import measure
+
+    result = measure(upscaler, side=128)
+    assert set(result["model_seconds"]) == {"unet", "controlnet", "vae_encoder", "vae_decoder", "text_encoder"}
+    assert 0 < result["model_share"] <= 1
+    assert sum(result["shares"].values()) == pytest.approx(result["model_share"])
+    assert result["shares"]["unet"] > result["shares"]["text_encoder"]
+    # Each stage's time outside the models is what is left after its models' forwards.
+    assert all(seconds > -1e-3 for seconds in result["outside_models_seconds_by_stage"].values())
+    outside = sum(result["outside_models_seconds_by_stage"].values())
+    assert outside == pytest.approx(result["wall_seconds"] * (1 - result["model_share"]), abs=1e-3)
+
+
+def test_server_overhead_runs_the_job_both_ways(upscaler, tiny_weights):
+    from benchmarks.server_overhead import measure
+
+    result = measure(upscaler, tiny_weights, side=128, rounds=1, throughput_side=64, jobs=2)
+    overhead = result["overhead"]
+    assert len(overhead["seconds"]["http"]) == len(overhead["seconds"]["in_process"]) == 1
+    assert overhead["http_over_in_process"] > 0
+    assert [r["clients"] for r in result["throughput"]["rows"]] == [1, 2, 4]
+    assert all(r["images_per_minute"] > 0 for r in result["throughput"]["rows"])
+
+
+def test_gpu_benchmark_is_skipped_with_a_reason_without_cuda(tmp_path, tiny_weights):
+    from benchmarks.__main__ import main
+
+    assert main(["--only", "gpu", "--weights", str(tiny_weights), "--device", "cpu", "--results", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert "CUDA" in result["skipped"] and result["rows"] == []
+    assert not (tmp_path / "gpu.png").exists()
+
+
+def test_tile_costs_follow_the_planned_tile(upscaler):
+    from benchmarks.scaling import tile_costs
+
+    rows = tile_costs(upscaler, sides=(256, 512), rounds=1)
+    assert [(r["tile"], r["tiles"]) for r in rows] == [([32, 32], 1), ([64, 64], 1)]  # the whole latent
+    assert all(r["ms_per_latent_pixel"] > 0 for r in rows)

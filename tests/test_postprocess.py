@@ -36,6 +36,22 @@ def test_colour_fix_removes_a_colour_cast_and_keeps_the_detail(method):
         assert torch.corrcoef(torch.stack([texture, detail.flatten()]))[0, 1] > 0.8
 
 
+def test_wavelet_fix_is_output_detail_plus_reference_coarse_layers():
+    """StableSR's definition, with its dilated 3x3 convolutions, which the engine computes more cheaply."""
+    kernel = (torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16).expand(3, 1, 3, 3)
+
+    def split(image):
+        blurred = image
+        for level in range(5):
+            padded = F.pad(blurred, (2**level,) * 4, mode="replicate")
+            blurred = F.conv2d(padded, kernel, dilation=2**level, groups=3)
+        return image - blurred, blurred
+
+    output, reference = (pil_to_tensor(make_test_image(75, 53, seed=seed)) for seed in (1, 2))
+    expected = (split(output)[0] + split(reference)[1]).clamp(0, 1)
+    assert (color_fix(output, reference, "wavelet") - expected).abs().max() < 1e-5
+
+
 def test_engine_applies_the_colour_fix(upscaler, image):
     pre_upscaled = image.resize((80, 64), Image.Resampling.LANCZOS)
     strong = {"num_inference_steps": 10, "creativity": 0.9}

@@ -1,0 +1,96 @@
+"""One upscale in a fresh process: `python -m benchmarks.job ENGINE --weights DIR --side PX`.
+
+Prints one JSON line: the job's wall time (model loading excluded), the process's resident
+memory after loading and its peak (ru_maxrss, loading included). Engines:
+
+- `clarity`: this engine (`Upscaler.upscale`, scale 2 from a side/2 input);
+- `naive`: diffusers' `StableDiffusionControlNetImg2ImgPipeline` on the whole Lanczos
+  pre-upscaled image (it is also the ControlNet-tile condition), built from the same
+  components, with the same steps, strength, guidance, seed and scheduler;
+- `naive_vae_tiling`: the same with `vae.enable_tiling()`, at SD1.5's VAE tile size (512 px;
+  the tiny VAE's config would give 64 px tiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+#: The job every engine runs: 2 scheduler steps at strength 0.5 = 1 denoising step, guidance
+#: off (it would double every engine's work alike), the default sampler and resemblance.
+STEPS, STRENGTH, GUIDANCE, SEED = 2, 0.5, 1.0, 1
+ENGINES = ("clarity", "naive", "naive_vae_tiling")
+#: SD1.5's VAE tile: its config's sample_size (the tiny VAE's is 64).
+NAIVE_VAE_TILE = 512
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run_job(engine: str, weights: Path, side: int) -> dict:
+    import torch
+
+    from benchmarks.common import sample_image
+    from clarity import UpscaleParams, Upscaler
+
+    torch.set_grad_enabled(False)
+    upscaler = Upscaler.from_pretrained(weights, device="cpu", max_output_pixels=max(side * side, 1))
+    source = sample_image(side // 2, side // 2)
+    params = UpscaleParams(num_inference_steps=STEPS, creativity=STRENGTH, dynamic=GUIDANCE, seed=SEED)
+    loaded_rss = _current_rss_mb()
+    if engine == "clarity":
+        started = time.perf_counter()
+        upscaler.upscale(source, params)
+        seconds = time.perf_counter() - started
+    else:
+        from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+        from clarity.engine.preupscale import lanczos
+        from clarity.engine.schedulers import make_scheduler
+
+        ours = upscaler.pipeline
+        naive = StableDiffusionControlNetImg2ImgPipeline(
+            vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer, unet=ours.unet,
+            controlnet=ours.controlnet, scheduler=make_scheduler(params.scheduler, ours.scheduler_config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        naive.set_progress_bar_config(disable=True)
+        if engine == "naive_vae_tiling":
+            naive.vae.enable_tiling()
+            naive.vae.tile_sample_min_size = NAIVE_VAE_TILE
+            naive.vae.tile_latent_min_size = NAIVE_VAE_TILE // 8
+        started = time.perf_counter()
+        image = lanczos(source, (side, side))
+        naive(
+            prompt=params.prompt, negative_prompt=params.negative_prompt, image=image, control_image=image,
+            strength=STRENGTH, guidance_scale=GUIDANCE, num_inference_steps=STEPS,
+            controlnet_conditioning_scale=params.resemblance, generator=torch.Generator("cpu").manual_seed(SEED),
+        )
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "rss_after_loading_mb": round(loaded_rss), "peak_rss_mb": round(_rss_mb()),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.job", description=__doc__.splitlines()[0])
+    parser.add_argument("engine", choices=ENGINES)
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--side", type=int, required=True, help="Output side in pixels (square, even).")
+    args = parser.parse_args(argv)
+    print(json.dumps(run_job(args.engine, args.weights, args.side)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
