@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import gpu, scaling, server_overhead, tile_batching, tile_overhead, time_shares
+from benchmarks import gpu, large_output, scaling, server_overhead, tile_batching, tile_overhead, time_shares
 from benchmarks.common import Bench, machine
 
 BENCHMARKS = {
@@ -24,6 +24,7 @@ BENCHMARKS = {
     "scaling": scaling,
     "time_shares": time_shares,
     "server_overhead": server_overhead,
+    "large_output": large_output,
     "gpu": gpu,
 }
 RESULTS = Path(__file__).with_name("results")

@@ -89,3 +89,16 @@ def test_tile_costs_follow_the_planned_tile(upscaler):
     rows = tile_costs(upscaler, sides=(256, 512), rounds=1)
     assert [(r["tile"], r["tiles"]) for r in rows] == [([32, 32], 1), ([64, 64], 1)]  # the whole latent
     assert all(r["ms_per_latent_pixel"] > 0 for r in rows)
+
+
+def test_large_output_job_runs_everything_but_the_denoiser(tiny_weights, monkeypatch):
+    from benchmarks import large_output
+    from benchmarks.common import Bench
+
+    monkeypatch.setattr(large_output, "QUICK_SIDES", (256,))
+    result = large_output.run(Bench(upscaler=None, weights=tiny_weights, quick=True))
+    (row,) = result["rows"]
+    assert row["megapixels"] == pytest.approx(0.1, abs=0.01)
+    # The zero-answering denoiser costs nothing: what remains (VAE, conversions) is quick.
+    assert 0 < row["seconds"] < 60 and row["peak_rss_mb"] >= row["rss_after_loading_mb"]
+    assert row["bytes_per_output_pixel"] >= 0

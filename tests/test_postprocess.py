@@ -52,6 +52,16 @@ def test_wavelet_fix_is_output_detail_plus_reference_coarse_layers():
     assert (color_fix(output, reference, "wavelet") - expected).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("wrap", [False, True])
+def test_wavelet_fix_in_stripes_equals_the_whole_image_at_once(monkeypatch, wrap):
+    from clarity.engine import postprocess
+
+    output, reference = (pil_to_tensor(make_test_image(64, 150, seed=seed)) for seed in (3, 4))
+    whole = color_fix(output, reference, "wavelet", wrap=wrap)  # 150 rows: one stripe
+    monkeypatch.setattr(postprocess, "COLOR_FIX_STRIPE", 40)  # 4 stripes, one shorter than its context
+    assert (color_fix(output, reference, "wavelet", wrap=wrap) - whole).abs().max() < 1e-6
+
+
 def test_engine_applies_the_colour_fix(upscaler, image):
     pre_upscaled = image.resize((80, 64), Image.Resampling.LANCZOS)
     strong = {"num_inference_steps": 10, "creativity": 0.9}

@@ -17,6 +17,10 @@ from clarity.params import COLOR_FIX_METHODS
 #: Levels of the wavelet decomposition: blurs of radius 1, 2, 4, 8, 16 px. What is coarser than
 #: that (colour, shading) comes from the input; what is finer (texture, detail) from diffusion.
 WAVELET_LEVELS = 5
+#: How far the wavelet blurs reach, in pixels: 1 + 2 + 4 + 8 + 16.
+WAVELET_REACH = 2**WAVELET_LEVELS - 1
+#: Rows of the wavelet colour fix computed at once (plus their context).
+COLOR_FIX_STRIPE = 256
 
 
 def color_fix(output: torch.Tensor, reference: torch.Tensor, method: str, wrap: bool = False) -> torch.Tensor:
@@ -35,11 +39,34 @@ def color_fix(output: torch.Tensor, reference: torch.Tensor, method: str, wrap: 
         ref_mean, ref_std = reference.mean((-2, -1), keepdim=True), reference.std((-2, -1), keepdim=True)
         return ((output - out_mean) / (out_std + 1e-6) * ref_std + ref_mean).clamp(0, 1)
     if method == "wavelet":
-        # output's detail + reference's coarse layers = output + coarse(reference - output), since
-        # the blur is linear: one blur instead of two, and two fewer full-size images held.
-        difference = reference - output
-        return _coarse(difference, wrap).add_(output).clamp_(0, 1)
+        return _wavelet_fix(output, reference, wrap)
     raise ValueError(f"unknown colour fix {method!r}; choose one of {', '.join(COLOR_FIX_METHODS)}")
+
+
+def _wavelet_fix(output: torch.Tensor, reference: torch.Tensor, wrap: bool) -> torch.Tensor:
+    """output's detail + reference's coarse layers, computed in stripes of rows.
+
+    That sum is output + coarse(reference - output), since the blur is linear: one blur instead
+    of two. Each stripe is blurred with `WAVELET_REACH` rows of context on both sides (wrapping
+    around with `wrap`, clipped at the image's edges without), which is exactly as far as any
+    error from the stripe's own padding can travel, so the stripes join exactly. The blur's
+    temporaries then follow `COLOR_FIX_STRIPE`, not the image: at 100 MP each would be 1.2 GB.
+    """
+    height = output.shape[-2]
+    result = torch.empty_like(output)
+    for top in range(0, height, COLOR_FIX_STRIPE):
+        bottom = min(top + COLOR_FIX_STRIPE, height)
+        if wrap:
+            rows = torch.arange(top - WAVELET_REACH, bottom + WAVELET_REACH, device=output.device) % height
+            difference = reference[..., rows, :] - output[..., rows, :]
+            first = WAVELET_REACH
+        else:
+            start, end = max(0, top - WAVELET_REACH), min(height, bottom + WAVELET_REACH)
+            difference = reference[..., start:end, :] - output[..., start:end, :]
+            first = top - start
+        coarse = _coarse(difference, wrap)[..., first:first + bottom - top, :]
+        result[..., top:bottom, :] = coarse.add_(output[..., top:bottom, :]).clamp_(0, 1)
+    return result
 
 
 def _coarse(image: torch.Tensor, wrap: bool = False) -> torch.Tensor:

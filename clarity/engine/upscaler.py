@@ -462,11 +462,12 @@ def shrink_to(image: Image.Image, longest_side: int) -> Image.Image:
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (1, 3, H, W) float32 in [0, 1] (the scaling diffusers' image processor uses)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    # One float32 copy of the image, not three (float array, division, channel-first copy).
+    channels_last = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).unsqueeze(0)
+    return channels_last.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """(1, 3, H, W) in [0, 1] -> RGB PIL image, rounding like diffusers' `numpy_to_pil`."""
-    array = (image[0].permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
+    scaled = image[0].float().cpu().mul(255).round_().to(torch.uint8)
+    return Image.fromarray(scaled.permute(1, 2, 0).contiguous().numpy())

@@ -155,7 +155,8 @@ def decode(
             )
     if wrap:
         pixels = crop_border(pixels, DECODER_CONTEXT * VAE_SCALE)
-    return (pixels.float() / 2 + 0.5).clamp(0, 1)
+    # In place: at 100 MP each full-size float32 temporary is 1.2 GB.
+    return pixels.float().mul_(0.5).add_(0.5).clamp_(0, 1)
 
 
 def tile_plan(latent_height: int, latent_width: int, tile_size: int | None) -> TilePlan | None:
@@ -201,7 +202,7 @@ def _blend_tiles(plan: TilePlan, run: Callable, scale: int) -> torch.Tensor:
         output[(..., *region)] += result * weight
         total[region] += weight
     assert output is not None
-    return output / total
+    return output.div_(total)
 
 
 def _matched_miniature(x: torch.Tensor, max_side: int) -> torch.Tensor:
