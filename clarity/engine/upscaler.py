@@ -399,7 +399,10 @@ class Upscaler:
                 result = color_fix(result, reference, params.color_fix, wrap=params.pattern)
                 pass_stats.seconds["color_fix"] = time.perf_counter() - started
             stats.passes.append(pass_stats)
+            # Whole-image buffers go as soon as they are spent: at 100 MP each float32 one is 1.2 GB.
+            del reference, pre_upscaled
             rgb = tensor_to_pil(result)
+            del result
         final_size = output_size(original_size, params.scale_factor)
         if rgb.size != final_size:  # `pattern` diffused at sides rounded to multiples of 8
             rgb = resize_periodic(lanczos, rgb, final_size)
