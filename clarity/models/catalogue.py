@@ -217,7 +217,6 @@ EXPECTED_TENSORS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("embeddings.token_embedding.weight",),
     "controlnet": ("controlnet_cond_embedding.conv_in.weight", "input_hint_block.0.weight"),
     "vae": ("encoder.conv_in.weight",),
-    "checkpoint": ("model.diffusion_model.input_blocks.0.0.weight",),
     "safety_checker": ("concept_embeds",),
 }
 #: Weight files of a diffusers/transformers part folder, in the order the loaders prefer them.
@@ -294,26 +293,23 @@ def _inspect_model(catalogue: Catalogue, model_id: str, load: bool) -> WeightsEn
 
 
 def _model_problem(source: ModelSource) -> str | None:
-    from clarity.models.loading import WeightsError, check_model_folder
+    from clarity.models.loading import WeightsError, check_source
 
-    if source.base.suffix == ".safetensors":  # a pickle only the loader may open (tensors only)
-        problem = _safetensors_problem(source.base, EXPECTED_TENSORS["checkpoint"], "an SD1.5 checkpoint")
-        if problem:
-            return problem
     try:
-        check_model_folder(source)
+        # The loader's own cheap check: parts present, and single files' headers (their key names).
+        check_source(source)
     except WeightsError as error:
         return str(error)
     parts = {"unet": source.base / "unet", "text_encoder": source.base / "text_encoder",
              "controlnet": source.controlnet_path, "vae": source.vae_path}
+    if source.base.is_file():
+        # A single file carries its own UNet, text encoder and VAE; only overrides are separate parts.
+        parts = {"controlnet": source.controlnet_path, **({"vae": source.vae} if source.vae is not None else {})}
+    # Folder parts: their configs and weight headers (check_source only sees that they exist).
+    problems = [_part_problem(kind, path) for kind, path in parts.items() if path.is_dir()]
     if source.base.is_dir():
-        problems = [_part_problem(kind, path) for kind, path in parts.items()]
         problems += [_tokenizer_problem(source.base / "tokenizer"), _json_problem(source.base / "scheduler"
                                                                                   / "scheduler_config.json")]
-    else:
-        # A single file carries its own VAE; only an override is a separate part.
-        problems = [_part_problem(kind, parts[kind]) for kind in ("controlnet", "vae")
-                    if kind == "controlnet" or source.vae is not None]
     return "; ".join(p for p in problems if p) or None
 
 

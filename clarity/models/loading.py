@@ -146,9 +146,6 @@ def check_source(source: ModelSource | str | Path) -> ModelSource:
     return source
 
 
-#: The name this check had before single files; callers may use either.
-check_model_folder = check_source
-
 
 def _load_folder_part(part: str, path: Path, loader):
     try:

@@ -451,13 +451,13 @@ def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; exit at once (1) if the weights are unusable."""
     from clarity.cli import speed_options
     from clarity.models.catalogue import Catalogue
-    from clarity.models.loading import WeightsError, check_model_folder
+    from clarity.models.loading import WeightsError, check_source
     from clarity.params import ParamError
 
     try:
         catalogue = Catalogue.discover(args.weights, models=args.models, default_model=args.default_model)
         for source in catalogue.models.values():
-            check_model_folder(source)
+            check_source(source)
     except (WeightsError, ParamError) as error:
         # Before LitServe starts: otherwise every worker would die loading, one traceback each.
         print(f"clarity: error: {error}", file=sys.stderr)
