@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -338,19 +338,14 @@ class PromptEncoder:
     def _load_lora(self, name: str) -> None:
         from safetensors.torch import load_file
 
-        from clarity.models.loading import WeightsError
-
         path = self.lora_dir / f"{name}.safetensors"
         # A fresh adapter name per attempt: a failed load may leave its name behind in the models.
         self._load_attempts += 1
         adapter = f"lora_{self._load_attempts}"
-        try:
-            self.pipeline.load_lora_weights(load_file(path), adapter_name=adapter)
-        except Exception as error:  # noqa: BLE001 - any failure here means the file is not a usable LoRA
-            raise WeightsError(
-                f"could not load the LoRA {path}: {error}. It must be an SD1.5 LoRA in kohya/A1111 or diffusers"
-                " format (.safetensors)."
-            ) from error
+        _load_or_explain(
+            lambda: self.pipeline.load_lora_weights(load_file(path), adapter_name=adapter), f"the LoRA {path}",
+            "It must be an SD1.5 LoRA in kohya/A1111 or diffusers format (.safetensors).",
+        )
         self._adapters[name] = adapter
 
     # --- textual-inversion embeddings -----------------------------------------------------
@@ -381,15 +376,21 @@ class PromptEncoder:
         token = self._embedding_tokens.get(name)
         if token is not None:
             return token
-        from clarity.models.loading import WeightsError
-
         token = f"<{name}>"
-        try:
-            self.pipeline.load_textual_inversion(str(path), token=token)
-        except Exception as error:  # noqa: BLE001 - any failure here means the file is not a usable embedding
-            raise WeightsError(
-                f"could not load the embedding {path}: {error}. It must be an SD1.5 textual-inversion embedding"
-                " (.safetensors with emb_params, or an A1111 .pt with string_to_param)."
-            ) from error
+        _load_or_explain(
+            lambda: self.pipeline.load_textual_inversion(str(path), token=token), f"the embedding {path}",
+            "It must be an SD1.5 textual-inversion embedding (.safetensors with emb_params, or an A1111 .pt"
+            " with string_to_param).",
+        )
         self._embedding_tokens[name] = token
         return token
+
+
+def _load_or_explain(load: Callable[[], object], what: str, requirement: str) -> None:
+    """Run `load()`; any failure is a `WeightsError` naming `what` was loaded and what it must be."""
+    from clarity.models.loading import WeightsError
+
+    try:
+        load()
+    except Exception as error:  # noqa: BLE001 - any failure here means the file is not usable
+        raise WeightsError(f"could not load {what}: {error}. {requirement}") from error
