@@ -31,7 +31,17 @@ DEFAULT_MAX_INPUT_PIXELS = 64_000_000
 #: still holds several float32 copies of the whole image, and time grows with its area.
 DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096
 
+#: Largest relative difference between two aspect ratios still taken as the same shape (a
+#: resized mask, a requested output size: rounding to whole pixels shifts ratios slightly).
+ASPECT_TOLERANCE = 0.01
+
 ImageSource = Image.Image | str | Path | bytes | BinaryIO
+
+
+def same_aspect_ratio(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether (width, height) `size` has `other`'s shape, within `ASPECT_TOLERANCE`."""
+    ratio, other_ratio = size[0] / size[1], other[0] / other[1]
+    return abs(ratio - other_ratio) / other_ratio <= ASPECT_TOLERANCE
 
 
 def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, param: str = "image") -> Image.Image:

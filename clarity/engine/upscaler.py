@@ -33,7 +33,14 @@ from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, PreUpscalerRegistry, lanczos
 from clarity.engine.safety import ContentPolicyError, SafetyChecker, is_installed, not_installed
 from clarity.engine.seamless import crossfade_borders, filter_periodic, resize_periodic, seam_axes, snap_to_latent_grid
-from clarity.imageio import DEFAULT_MAX_OUTPUT_PIXELS, ImageSource, join_from_model, load_image, split_for_model
+from clarity.imageio import (
+    DEFAULT_MAX_OUTPUT_PIXELS,
+    ImageSource,
+    join_from_model,
+    load_image,
+    same_aspect_ratio,
+    split_for_model,
+)
 from clarity.params import ParamError, UpscaleParams
 
 if TYPE_CHECKING:
@@ -444,8 +451,7 @@ def keep_mask(mask: Image.Image, input_size: tuple[int, int], size: tuple[int, i
     Alpha is the mask when there is one (OpenAI's convention: transparent = edit); otherwise
     brightness is (the original Clarity's: white = keep).
     """
-    mask_ratio, input_ratio = mask.width / mask.height, input_size[0] / input_size[1]
-    if abs(mask_ratio - input_ratio) / input_ratio > 0.01:
+    if not same_aspect_ratio(mask.size, input_size):
         raise ParamError(
             "mask", f"mask is {mask.width}x{mask.height} but the image is {input_size[0]}x{input_size[1]};"
             " they must have the same aspect ratio",

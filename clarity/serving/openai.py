@@ -38,7 +38,7 @@ from typing import Any, get_args, get_type_hints
 
 from PIL import Image
 
-from clarity.imageio import OUTPUT_FORMATS, load_image
+from clarity.imageio import OUTPUT_FORMATS, load_image, same_aspect_ratio
 from clarity.params import ParamError, UpscaleParams, param_fields
 
 #: Where the SDKs post `images.edit` (relative to the host; base_url ends in /v1).
@@ -53,8 +53,6 @@ OUTPUT_FORMAT_NAMES: tuple[str, ...] = tuple(name for name in OUTPUT_FORMATS if 
 #: Longest `prompt` / `negative_prompt` accepted, in characters. The text encoder reads 77
 #: tokens, so this only bounds the work and memory a hostile request can cause.
 MAX_PROMPT_CHARS = 4000
-#: Largest relative difference between the requested and the input aspect ratio.
-SIZE_ASPECT_TOLERANCE = 0.01
 
 #: OpenAI's own form fields for `images.edit`, with what Clarity does with them.
 OPENAI_FIELDS: dict[str, str] = {
@@ -254,8 +252,7 @@ def scale_for_size(size: str, image_size: tuple[int, int]) -> float | None:
     except ValueError:
         raise invalid("size", f"size must be WIDTHxHEIGHT (e.g. 1024x768) or auto; got {size!r}") from None
     in_width, in_height = image_size
-    requested, actual = width / height, in_width / in_height
-    if abs(requested - actual) / actual > SIZE_ASPECT_TOLERANCE:
+    if not same_aspect_ratio((width, height), image_size):
         raise invalid(
             "size",
             f"size {width}x{height} does not have the input's aspect ratio ({in_width}x{in_height});"
