@@ -104,6 +104,8 @@ def test_scale_factor_and_size_set_the_output_size(client):
     sized = edit(client, response_format="b64_json", size="60x48")
     assert decode(sized.data[0].b64_json).size == (60, 48)
     assert sized.size == "60x48"
+    agreeing = edit(client, response_format="b64_json", size="120x96", extra_body={"scale_factor": 3})
+    assert decode(agreeing.data[0].b64_json).size == (120, 96)
 
 
 def test_seed_changes_pixels_and_n_gives_consecutive_seeds(client):
@@ -174,6 +176,7 @@ def test_unknown_model_is_not_found(client):
     [
         ({"size": "80x40"}, "size"),  # not the input's aspect ratio
         ({"size": "800x640"}, "size"),  # scale 20 is over the limit
+        ({"size": "60x48", "extra_body": {"scale_factor": 3}}, "size"),  # says 1.5x, scale_factor 3x
         ({"n": 5}, "n"),
         ({"output_format": "bmp"}, "output_format"),
         ({"response_format": "json"}, "response_format"),

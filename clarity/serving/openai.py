@@ -11,8 +11,9 @@
 - `prompt`: the engine's `prompt` (OpenAI requires it; an empty string is a valid prompt);
   at most `MAX_PROMPT_CHARS` characters, as is `negative_prompt`.
 - `n`: 1-4 variants, using seeds seed, seed+1, ...
-- `size`: `WxH` sets the scale factor from the width when `scale_factor` is not given; its
-  aspect ratio must match the input's within 1 %. `auto` or absent keeps the default scale.
+- `size`: `WxH` sets the scale factor from the width; its aspect ratio must match the
+  input's within 1 %. Sent with `scale_factor`, the two must agree (within 1 %), else 400.
+  `auto` or absent keeps the default scale.
 - `response_format`: `url` (default) or `b64_json`.
 - `output_format`: png (default), jpeg, webp, avif or gif.
 - `output_compression`: 0-100, used as the encoder's quality for jpeg, webp and avif
@@ -38,7 +39,7 @@ from typing import Any, get_args, get_type_hints
 
 from PIL import Image
 
-from clarity.imageio import OUTPUT_FORMATS, load_image, same_aspect_ratio
+from clarity.imageio import ASPECT_TOLERANCE, OUTPUT_FORMATS, load_image, same_aspect_ratio
 from clarity.params import ParamError, UpscaleParams, param_fields
 
 #: Where the SDKs post `images.edit` (relative to the host; base_url ends in /v1).
@@ -321,14 +322,21 @@ def parse_edit_form(
     load_options = {"max_pixels": max_input_pixels} if max_input_pixels else {}
     image = load_image(_read_file(files[0]), param="image", **load_options)
     mask = load_image(_read_file(mask_file), param="mask", **load_options) if mask_file is not None else None
-    if "scale_factor" not in fields and fields.get("size"):
-        scale = scale_for_size(fields["size"], image.size)
-        if scale is not None:
-            try:
-                params = params.replace(scale_factor=scale)
-            except ParamError as error:
-                message = f"size {fields['size']} means a scale factor of {scale:.3g}, which {error.message}"
-                raise invalid("size", message) from None
+    scale = scale_for_size(fields["size"], image.size) if fields.get("size") else None
+    if scale is not None and "scale_factor" in fields:
+        # Both are allowed when they agree (an SDK may always send a size); never pick one silently.
+        if not math.isclose(scale, params.scale_factor, rel_tol=ASPECT_TOLERANCE):
+            raise invalid(
+                "size",
+                f"size {fields['size']} means a scale factor of {scale:.3g}, but scale_factor is"
+                f" {params.scale_factor:g}; send one of them, or two that agree",
+            )
+    elif scale is not None:
+        try:
+            params = params.replace(scale_factor=scale)
+        except ParamError as error:
+            message = f"size {fields['size']} means a scale factor of {scale:.3g}, which {error.message}"
+            raise invalid("size", message) from None
     return EditRequest(image, params, n, response_format, output_format, output_compression, mask, model)
 
 
