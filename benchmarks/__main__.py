@@ -15,7 +15,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import gpu, large_output, scaling, server_overhead, tile_batching, tile_overhead, time_shares
+from benchmarks import (
+    gpu,
+    large_output,
+    scaling,
+    seams,
+    server_overhead,
+    tile_batching,
+    tile_overhead,
+    time_shares,
+)
 from benchmarks.common import Bench, machine
 
 BENCHMARKS = {
@@ -25,6 +34,7 @@ BENCHMARKS = {
     "time_shares": time_shares,
     "server_overhead": server_overhead,
     "large_output": large_output,
+    "seams": seams,
     "gpu": gpu,
 }
 RESULTS = Path(__file__).with_name("results")
