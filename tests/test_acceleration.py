@@ -169,9 +169,8 @@ class _ProducesNaN:
     def __init__(self, inner) -> None:
         self.inner = inner
 
-    @property
-    def device(self):
-        return self.inner.device
+    def __getattr__(self, name):  # everything but the call is the real pipeline's
+        return getattr(self.inner, name)
 
     def __call__(self, image, settings, on_step=None):
         result, stats = self.inner(image, settings, on_step)

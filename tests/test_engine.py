@@ -295,9 +295,8 @@ class _RunsOutOfMemory:
         self.inner, self.fits_batch, self.error = inner, fits_batch, error
         self.batches: list[int] = []
 
-    @property
-    def device(self):
-        return self.inner.device
+    def __getattr__(self, name):  # everything but the call is the real pipeline's
+        return getattr(self.inner, name)
 
     def __call__(self, image, settings, on_step=None):
         self.batches.append(settings.tile_batch_size)

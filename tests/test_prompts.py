@@ -204,6 +204,15 @@ def test_unknown_or_outside_lora_names_are_errors_listing_the_available_ones(pro
     assert "available: broken, te_only, tiny.detail.v1, unet_only" in caught.value.message
 
 
+@pytest.mark.parametrize(("prompt", "message"), [("a <lora:nope:1>", "no LoRA named"), ("(a:1.2.3)", "not a number")])
+def test_a_bad_prompt_fails_before_any_work_even_when_no_pass_would_read_it(prompt_upscaler, prompt, message):
+    events = []
+    with pytest.raises(ParamError, match=message) as caught:
+        # creativity 0: no denoising step, so no pass ever encodes the prompt.
+        prompt_upscaler.upscale(make_test_image(32, 32), prompt=prompt, creativity=0.0, progress=events.append)
+    assert caught.value.param == "prompt" and events == []
+
+
 def test_lora_tags_without_a_lora_folder_say_so(upscaler):
     with pytest.raises(ParamError, match="no LoRA folder is configured"):
         encode(upscaler, "<lora:tiny.detail.v1:1>")

@@ -235,6 +235,10 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
         """
         return self.prompts.encode(prompt, negative_prompt, do_cfg)
 
+    def check_prompt(self, prompt: str, negative_prompt: str) -> None:
+        """Raise the `ParamError` `encode_prompt` would (syntax, unknown LoRA names), loading nothing."""
+        self.prompts.check(prompt, negative_prompt)
+
     def prepare_latents(
         self,
         image: torch.Tensor,

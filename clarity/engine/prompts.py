@@ -225,6 +225,18 @@ class PromptEncoder:
         self._compel: Compel | None = None
         self._compel_loras: tuple | None = ()
 
+    def check(self, prompt: str, negative_prompt: str) -> None:
+        """Raise the `ParamError` that `encode` would (syntax, unknown LoRA names), loading nothing.
+
+        Lets a bad prompt fail before minutes of work, and also when no pass encodes it
+        (creativity 0).
+        """
+        prompt, tags = split_lora_tags(prompt, "prompt")
+        negative_prompt, negative_tags = split_lora_tags(negative_prompt, "negative_prompt")
+        self._resolve_loras(negative_tags, "negative_prompt", self._resolve_loras(tags, "prompt", {}))
+        parse_weighting(prompt, "prompt")
+        parse_weighting(negative_prompt, "negative_prompt")
+
     def encode(self, prompt: str, negative_prompt: str, do_cfg: bool) -> EncodedPrompt:
         """Apply the prompts' LoRA tags to the models and encode [negative, positive] (or positive)."""
         prompt, tags = split_lora_tags(prompt, "prompt")

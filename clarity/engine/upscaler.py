@@ -317,7 +317,8 @@ class Upscaler:
                 f"the output would be {width}x{height} = {width * height / 1e6:.1f} MP; the limit here is"
                 f" {self.max_output_pixels / 1e6:.1f} MP (max_output_pixels)",
             )
-        # Both checked before any work: a wrong name or a missing checker must not cost minutes.
+        # Checked before any work: a wrong name or a missing checker must not cost minutes.
+        self.pipeline.check_prompt(params.prompt, params.negative_prompt)
         pre_upscaler = self.pre_upscalers.get(params.upscaler)
         safety_checker = self.safety_checker() if params.enable_safety_checker else None
         keep = None
