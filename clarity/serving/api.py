@@ -24,6 +24,7 @@ from clarity.params import ParamError
 from clarity.serving import openai
 from clarity.serving.cancellation import REQUEST_ID_FIELD, CancelRegistry
 from clarity.serving.files import FILES_ROUTE, FileStore
+from clarity.serving.logs import DEFAULT_PROGRESS_SECONDS, RequestLog, configure_logging
 
 if TYPE_CHECKING:
     from clarity import Upscaler
@@ -68,6 +69,8 @@ class UpscaleAPI(ls.LitAPI):
         max_compute_seconds: float | None = None,
         speed: SpeedOptions | None = None,
         cancellations: CancelRegistry | None = None,
+        log_level: str = "info",
+        progress_log_seconds: float = DEFAULT_PROGRESS_SECONDS,
     ) -> None:
         super().__init__(api_path=openai.EDITS_PATH)
         #: Requests whose clients disconnected (marked by the HTTP process, read here).
@@ -80,11 +83,14 @@ class UpscaleAPI(ls.LitAPI):
         self.max_output_pixels = max_output_pixels
         self.max_compute_seconds = max_compute_seconds
         self.speed = speed or SpeedOptions()
+        self.log_level = log_level
+        self.progress_log_seconds = progress_log_seconds
 
     def setup(self, device: str) -> None:
         from clarity import Upscaler
         from clarity.models.catalogue import upscaler_kwargs
 
+        configure_logging(self.log_level)  # a spawned worker starts with Python's defaults
         self.upscalers: dict[str, Upscaler] = {}
         for model_id in self.catalogue.models:
             upscaler = Upscaler.from_pretrained(**upscaler_kwargs(self.catalogue, model_id), device=device,
@@ -115,6 +121,10 @@ class UpscaleAPI(ls.LitAPI):
 
     def predict(self, request: openai.EditRequest) -> tuple[openai.EditRequest, Any]:
         started = time.monotonic()
+        model = request.model or self.catalogue.default_model
+        log = RequestLog(logger, request.request_id, self.progress_log_seconds)
+        width, height = request.image.size
+        log.started_work(f"model {model}, {width}x{height} at scale {request.params.scale_factor:g}, n={request.n}")
 
         def check_deadline(event: Any) -> None:
             # Called by the engine after every denoising step: the only place a running
@@ -123,8 +133,9 @@ class UpscaleAPI(ls.LitAPI):
                 raise _ComputeTimeout
             if self._cancelled(request.request_id):
                 raise _ClientGone
+            log.progress(event.fraction)
 
-        upscaler = self.upscalers[request.model or self.catalogue.default_model]
+        upscaler = self.upscalers[model]
         try:
             result = upscaler.upscale(
                 request.image, request.params, num_images=request.n, mask=request.mask, progress=check_deadline
@@ -133,6 +144,8 @@ class UpscaleAPI(ls.LitAPI):
             logger.warning("request %s stopped: its client disconnected", request.request_id)
             raise HTTPException(CLIENT_GONE_STATUS) from None
         except _ComputeTimeout:
+            logger.warning("request %s stopped: over the compute limit of %g s", request.request_id,
+                           self.max_compute_seconds)
             message = f"The upscale took longer than this server's limit of {self.max_compute_seconds:g} s."
             raise http_error(openai.APIError(504, message, code="compute_timeout")) from None
         except ContentPolicyError as error:
@@ -141,8 +154,10 @@ class UpscaleAPI(ls.LitAPI):
             raise http_error(openai.invalid(error.param, str(error))) from None
         except Exception:
             # Logged here, in the worker, with the traceback; the client only learns it failed.
-            logger.exception("upscale failed")
+            logger.exception("request %s failed", request.request_id)
             raise http_error(openai.APIError(500, "The upscale failed on the server.")) from None
+        out_width, out_height = result.images[0].size
+        log.finished(f"{len(result.images)} image(s) of {out_width}x{out_height}")
         return request, result
 
     def _cancelled(self, request_id: str | None) -> bool:

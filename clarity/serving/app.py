@@ -42,6 +42,7 @@ from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.serving import openai
 from clarity.serving.cancellation import CancelRegistry, tag_request
 from clarity.serving.files import DEFAULT_TTL_SECONDS, FILES_ROUTE, FileStore
+from clarity.serving.logs import DEFAULT_PROGRESS_SECONDS, LOG_LEVELS, configure_logging
 
 if TYPE_CHECKING:
     from clarity.engine.acceleration import SpeedOptions
@@ -261,6 +262,8 @@ def build_server(
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     max_compute_seconds: float | None = None,
     speed: SpeedOptions | None = None,
+    log_level: str = "info",
+    progress_log_seconds: float = DEFAULT_PROGRESS_SECONDS,
 ) -> Any:
     """A ready-to-run `litserve.LitServer` for the models in `weights` (a weights root or one model folder).
 
@@ -272,7 +275,8 @@ def build_server(
     to start it; each HTTP process holds at most `max_queue` edit requests, whose bodies must
     arrive within `upload_timeout` seconds; on shutdown,
     accepted requests get `shutdown_timeout` seconds to finish. `speed` (`SpeedOptions`) sets
-    how each worker runs the models.
+    how each worker runs the models. Workers log at `log_level`, with a progress line every
+    `progress_log_seconds` while a request runs.
     """
     # Imported here so that `clarity --help` does not pay for the web stack.
     from litserve.utils import WorkerSetupStatus
@@ -287,7 +291,8 @@ def build_server(
     limits = {"max_output_pixels": max_output_pixels} if max_output_pixels else {}
     api = UpscaleAPI(
         catalogue, output_dir, public_url, file_ttl_seconds, max_input_pixels=max_input_pixels,
-        max_compute_seconds=max_compute_seconds, speed=speed, cancellations=cancellations, **limits,
+        max_compute_seconds=max_compute_seconds, speed=speed, cancellations=cancellations,
+        log_level=log_level, progress_log_seconds=progress_log_seconds, **limits,
     )
     server = SupervisedLitServer(
         api,
@@ -426,6 +431,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-compute-seconds", type=float, default=None,
                         help="Stop an upscale that has run this long and answer 504 compute_timeout"
                              " (default: no limit).")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                        help="Server and worker log level (default: info: a line as each request starts"
+                             " and ends, and progress while it runs).")
+    parser.add_argument("--progress-log-seconds", type=float, default=DEFAULT_PROGRESS_SECONDS,
+                        help="Seconds between progress lines of a running request"
+                             f" (default: {DEFAULT_PROGRESS_SECONDS:g}).")
     add_speed_arguments(parser)
 
 
@@ -454,6 +465,7 @@ def serve(args: argparse.Namespace) -> int:
     from clarity.models.loading import WeightsError, check_source
     from clarity.params import ParamError
 
+    configure_logging(args.log_level)
     try:
         catalogue = Catalogue.discover(args.weights, models=args.models, default_model=args.default_model)
         for source in catalogue.models.values():
@@ -485,6 +497,8 @@ def serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         max_compute_seconds=args.max_compute_seconds,
         speed=speed,
+        log_level=args.log_level,
+        progress_log_seconds=args.progress_log_seconds,
     )
     logger.info("serving %s (default %s) from %s", ", ".join(catalogue.models), catalogue.default_model,
                 args.weights)

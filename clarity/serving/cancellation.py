@@ -49,12 +49,15 @@ async def tag_request(
 ) -> AsyncIterator[tuple[Scope, Receive, Send]]:
     """(scope, receive, send) for the app: the body carries a request id, and a disconnect cancels it.
 
+    The id is also sent back in the response's `x-request-id` header, so a client can quote it
+    and an operator find the request's log lines.
+
     `scope` must be a multipart/form-data request with a boundary. The id is forgotten once
     the app returns, by which time the worker has answered (or given up on) the request.
     """
     _, options = parse_options_header(dict(scope["headers"]).get(b"content-type", b""))
     boundary = options[b"boundary"]
-    request_id = secrets.token_hex(16)
+    request_id = f"req_{secrets.token_hex(16)}"  # OpenAI's shape; also a safe file name for the registry
     prefix = (
         b"--" + boundary + b"\r\n"
         + f'Content-Disposition: form-data; name="{REQUEST_ID_FIELD}"\r\n\r\n{request_id}\r\n'.encode()
@@ -95,6 +98,8 @@ async def tag_request(
         nonlocal answered
         if message["type"] == "http.response.start":
             answered = True
+            # The id the worker logs under; the OpenAI SDKs expose it as `response._request_id`.
+            message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
         await send(message)
 
     try:
