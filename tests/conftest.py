@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx2 as httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -80,3 +86,60 @@ def running_server(weights, output_dir, **options) -> Iterator:
             assert time.monotonic() < deadline, "the inference worker did not become ready"
             time.sleep(0.2)
         yield client
+
+
+# --- a real server process ----------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Torch threads per inference worker. One keeps timings predictable on a loaded two-core
+#: machine, where OpenMP threads spinning at barriers were seen to slow each request tenfold.
+ONE_THREAD = "1"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """`python server.py ...options` on 127.0.0.1, its output in a log file."""
+
+    def __init__(self, weights: Path, log: Path, options: list[str]) -> None:
+        self.port = free_port()
+        self.log = log
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, str(ROOT / "server.py"), "--weights", str(weights), "--host", "127.0.0.1",
+                   "--port", str(self.port), "--accelerator", "cpu", *options]
+        env = {**os.environ, "OMP_NUM_THREADS": ONE_THREAD}
+        with open(log, "wb") as output:
+            # Its own session, so that stop() can end it and all its children.
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                            start_new_session=True, env=env)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def wait_healthy(self, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if self.http.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            time.sleep(0.3)
+
+    def inference_worker_pid(self) -> int:
+        import psutil
+
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            if any("spawn_main" in part for part in child.cmdline()):
+                return child.pid
+        raise AssertionError("no inference worker process found")
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)

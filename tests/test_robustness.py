@@ -17,18 +17,15 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx2 as httpx
 import numpy as np
 import pytest
-from conftest import make_test_image, running_server
+from conftest import ServerProcess, make_test_image, running_server
 from PIL import Image
 
 from clarity.serving.files import FileStore
@@ -48,10 +45,6 @@ QUEUE_TIMEOUT = 2
 SHUTDOWN_TIMEOUT = 60
 #: Seconds the subprocess server gives a client to send its request body.
 UPLOAD_TIMEOUT = 3
-ROOT = Path(__file__).resolve().parent.parent
-#: Torch threads per inference worker. One keeps timings predictable on a loaded two-core
-#: machine, where OpenMP threads spinning at barriers were seen to slow each request tenfold.
-ONE_THREAD = "1"
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -432,60 +425,11 @@ def test_the_limits_are_set_from_the_command_line(tiny_weights, monkeypatch):
 # --- a real server process ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ServerProcess:
-    """`python server.py` on 127.0.0.1, its output in a log file."""
-
-    def __init__(self, weights: Path, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, str(ROOT / "server.py"), "--weights", str(weights), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--accelerator", "cpu", "--api-key", KEY,
-                   "--queue-timeout", str(QUEUE_TIMEOUT), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
-                   "--upload-timeout", str(UPLOAD_TIMEOUT)]
-        env = {**os.environ, "OMP_NUM_THREADS": ONE_THREAD}
-        with open(log, "wb") as output:
-            # Its own session, so that stop() can end it and all its children.
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env=env)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-
-    def wait_healthy(self, seconds: float = 120) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if self.http.get("/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.3)
-
-    def inference_worker_pid(self) -> int:
-        import psutil
-
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            if any("spawn_main" in part for part in child.cmdline()):
-                return child.pid
-        raise AssertionError("no inference worker process found")
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-
 @pytest.fixture(scope="module")
 def served(tiny_weights, tmp_path_factory):
-    server = ServerProcess(tiny_weights, tmp_path_factory.mktemp("server") / "server.log")
+    options = ["--api-key", KEY, "--queue-timeout", str(QUEUE_TIMEOUT), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
+               "--upload-timeout", str(UPLOAD_TIMEOUT)]
+    server = ServerProcess(tiny_weights, tmp_path_factory.mktemp("server") / "server.log", options)
     try:
         server.wait_healthy()
         yield server
