@@ -60,11 +60,13 @@ def test_configure_logging_names_a_bad_level_and_adds_one_handler(clarity_logger
 
 def test_the_worker_logs_each_request_start_progress_and_end(tiny_weights, tmp_path, capfd):
     # The worker is a spawned process: its lines reach this process's stderr, not caplog.
-    with running_server(tiny_weights, tmp_path, progress_log_seconds=0) as http:
+    with running_server(tiny_weights, tmp_path, progress_log_seconds=0, max_output_pixels=100 * 100) as http:
         client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
         response = edit(client, response_format="b64_json")
         with pytest.raises(openai.BadRequestError):
-            edit(client, extra_body={"creativity": 7})
+            edit(client, extra_body={"creativity": 7})  # refused while the form is read
+        with pytest.raises(openai.BadRequestError):
+            edit(client, extra_body={"scale_factor": 4})  # refused by the engine: over the pixel cap
     err = capfd.readouterr().err
     started = re.search(r"INFO clarity\.serving\.api\[\d+\]: request (\S+) started: model clarity-upscaler,"
                         r" 40x32 at scale 2, n=1", err)
@@ -73,4 +75,5 @@ def test_the_worker_logs_each_request_start_progress_and_end(tiny_weights, tmp_p
     request_id = re.escape(started.group(1))
     assert re.search(rf"request {request_id}: 100 % after \d+ s", err), err[-2000:]
     assert re.search(rf"request {request_id} finished in [\d.]+ s: 1 image\(s\) of 80x64", err), err[-2000:]
-    assert err.count(" started: ") == 1  # the invalid request was refused before any work
+    assert err.count(" started: ") == 2  # not the request with a bad field
+    assert re.search(r"request req_\w+ refused: scale_factor: the output would be 160x128", err), err[-2000:]

@@ -149,8 +149,10 @@ class UpscaleAPI(ls.LitAPI):
             message = f"The upscale took longer than this server's limit of {self.max_compute_seconds:g} s."
             raise http_error(openai.APIError(504, message, code="compute_timeout")) from None
         except ContentPolicyError as error:
+            logger.info("request %s refused: %s", request.request_id, error.message)
             raise http_error(openai.content_policy_violation(error.message)) from None
         except ParamError as error:
+            logger.info("request %s refused: %s", request.request_id, error)
             raise http_error(openai.invalid(error.param, str(error))) from None
         except Exception:
             # Logged here, in the worker, with the traceback; the client only learns it failed.
