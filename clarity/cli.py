@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import get_type_hints
 
+from clarity.imageio import OUTPUT_FORMATS
 from clarity.params import ParamError, UpscaleParams, param_fields
 
 #: Where the CLI and server look for weights when no --weights is given: a weights root or
@@ -73,9 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clarity", description="Creative image upscaler (SD1.5 + ControlNet-tile).")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    upscale = commands.add_parser("upscale", help="Upscale one image file.")
-    upscale.add_argument("input", type=Path, help="Image to upscale (PNG, JPEG, WebP, ...).")
-    upscale.add_argument("-o", "--output", type=Path, required=True, help="Where to write the result.")
+    upscale = commands.add_parser("upscale", help="Upscale an image file, or many files and folders.")
+    upscale.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                         help="Image(s) to upscale (PNG, JPEG, WebP, ...), or folders of them.")
+    upscale.add_argument("-o", "--output", type=Path, required=True,
+                         help="The result's file name (one input), or a folder where each result is named"
+                              " after its input (several inputs, or a folder).")
+    upscale.add_argument("--format", dest="folder_format", choices=OUTPUT_FORMATS, default="png",
+                         help="Format of results written into an output folder (default: png).")
+    upscale.add_argument("--overwrite", action="store_true",
+                         help="Redo results already in the output folder (default: skip them, so that an"
+                              " interrupted batch resumes where it stopped).")
     upscale.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help=WEIGHTS_HELP)
     upscale.add_argument("--model", default=None,
                          help="Model id in the weights root (default: clarity-upscaler if present, else the first).")
@@ -148,16 +157,20 @@ def main(argv: list[str] | None = None) -> int:
 def _upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from clarity import ProgressEvent, Upscaler
-    from clarity.imageio import OUTPUT_FORMATS, encode_image
+    from clarity import Upscaler
+    from clarity.batch import plan_jobs
     from clarity.models.catalogue import Catalogue, upscaler_kwargs
 
+    # Everything that can be checked without the model is, before minutes of loading and work.
     params = UpscaleParams.from_strings({f.name: getattr(args, f.name) for f in param_fields()})
-    # Checked before minutes of work, not after.
-    output_format = args.output.suffix.lower().lstrip(".")
-    if output_format not in OUTPUT_FORMATS:
-        choices = ", ".join(OUTPUT_FORMATS)
-        raise ParamError("output", f"unsupported extension {args.output.suffix!r}; use one of {choices}")
+    jobs = plan_jobs(args.inputs, args.output, args.folder_format)
+    single = len(jobs) == 1 and jobs[0].target == args.output
+    todo = [job for job in jobs if single or args.overwrite or not job.target.exists()]
+    if not single and len(todo) < len(jobs):
+        print(f"skipping {len(jobs) - len(todo)} image(s) whose result exists in {args.output}"
+              " (--overwrite redoes them)")
+    if not todo:
+        return 0
 
     catalogue = Catalogue.discover(args.weights)
     model_id = catalogue.model_id(args.model)
@@ -166,20 +179,45 @@ def _upscale(args: argparse.Namespace) -> int:
     if upscaler.tiny_model:
         print("note: using the tiny test model; its output has no meaningful detail", file=sys.stderr)
 
-    # A bar on a terminal; silence in logs and pipes, where carriage returns are noise.
-    bar = tqdm(total=100, unit="%", disable=not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+    # Bars on a terminal; silence in logs and pipes, where carriage returns are noise.
+    interactive = sys.stderr.isatty()
+    if single:
+        return _upscale_one(upscaler, todo[0], params, args, interactive)
+    failed = []
+    for job in tqdm(todo, unit="image", disable=not interactive):
+        try:
+            _upscale_one(upscaler, job, params, args, show_steps=False)
+        except Exception as error:  # one bad image must not cost the rest of the batch
+            failed.append(job.source)
+            reason = str(error) if isinstance(error, ParamError) else f"{type(error).__name__}: {error}"
+            print(f"clarity: error: {job.source}: {reason}", file=sys.stderr)
+    written = len(todo) - len(failed)
+    print(f"done: {written} written, {len(jobs) - len(todo)} skipped, {len(failed)} failed")
+    for source in failed:
+        print(f"failed: {source}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _upscale_one(upscaler, job, params: UpscaleParams, args: argparse.Namespace, show_steps: bool) -> int:
+    """Upscale `job.source` into `job.target` (written whole or not at all) and say what was written."""
+    from tqdm import tqdm
+
+    from clarity import ProgressEvent
+    from clarity.batch import write_atomically
+    from clarity.imageio import encode_image
+
+    bar = tqdm(total=100, unit="%", disable=not show_steps, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
 
     def on_progress(event: ProgressEvent) -> None:
         bar.set_description(f"pass {event.pass_index + 1}/{event.passes}")
         bar.update(round(event.fraction * 100) - bar.n)
 
-    result = upscaler.upscale(args.input, params, mask=args.mask, progress=on_progress)
+    result = upscaler.upscale(job.source, params, mask=args.mask, progress=on_progress)
     bar.close()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(encode_image(result.image, output_format, args.quality))
+    write_atomically(job.target, encode_image(result.image, job.output_format, args.quality))
     stats = result.stats
     print(
-        f"wrote {args.output} ({result.image.width}x{result.image.height}) in {stats.seconds:.1f} s;"
+        f"wrote {job.target} ({result.image.width}x{result.image.height}) in {stats.seconds:.1f} s;"
         f" seed {stats.seeds[0]}, {len(stats.passes)} pass(es),"
         f" tiles per pass {[p.tiles for p in stats.passes]}"
     )

@@ -60,3 +60,54 @@ def test_mask_option_keeps_the_white_area(tiny_weights, tmp_path):
                  "--mask", str(mask), "--steps", "4", "--creativity", "0.5"]) == 0
     with Image.open(target) as result:
         assert result.tobytes() == image.resize((48, 32), Image.Resampling.LANCZOS).tobytes()
+
+
+def _batch(tiny_weights, *arguments: str) -> int:
+    return main(["upscale", *arguments, "--weights", str(tiny_weights), "--steps", "2", "--creativity", "0.5"])
+
+
+def test_a_folder_is_upscaled_into_a_folder_and_a_bad_file_does_not_stop_the_batch(tiny_weights, tmp_path, capsys):
+    photos, results = tmp_path / "photos", tmp_path / "results"
+    photos.mkdir()
+    make_test_image(20, 16, seed=1).save(photos / "a.png")
+    make_test_image(16, 24, seed=2).save(photos / "b.jpg")
+    (photos / "c.png").write_bytes(b"not an image")
+    (photos / "notes.txt").write_text("not an image either, and not an image name")
+
+    assert _batch(tiny_weights, str(photos), "-o", str(results)) == 1  # one failure: exit 1, after the others
+    out = capsys.readouterr()
+    assert "done: 2 written, 0 skipped, 1 failed" in out.out
+    assert f"{photos / 'c.png'}: image: not a supported image" in out.err
+    assert sorted(p.name for p in results.iterdir()) == ["a.png", "b.png"]  # nothing half-written is left
+    assert Image.open(results / "a.png").size == (40, 32) and Image.open(results / "b.png").size == (32, 48)
+
+    # Run again: what exists is skipped, so an interrupted batch resumes; only the bad file is retried.
+    before = (results / "a.png").stat().st_mtime_ns
+    assert _batch(tiny_weights, str(photos), "-o", str(results)) == 1
+    out = capsys.readouterr()
+    assert "skipping 2 image(s)" in out.out and "done: 0 written, 2 skipped, 1 failed" in out.out
+    assert (results / "a.png").stat().st_mtime_ns == before
+
+    (photos / "c.png").unlink()
+    assert _batch(tiny_weights, str(photos / "a.png"), str(photos / "b.jpg"), "-o", str(results), "--overwrite",
+                  "--format", "webp") == 0
+    assert "done: 2 written, 0 skipped, 0 failed" in capsys.readouterr().out
+    assert Image.open(results / "a.webp").format == "WEBP"
+
+
+def test_inputs_that_would_share_a_result_name_fail_before_any_work(tmp_path, capsys):
+    make_test_image(8, 8).save(tmp_path / "a.png")
+    make_test_image(8, 8).save(tmp_path / "a.jpg")
+    code = main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "a.jpg"), "-o", str(tmp_path / "out"),
+                 "--weights", str(tmp_path / "no-weights-needed")])
+    assert code == 2
+    assert "would both be written to" in capsys.readouterr().err
+
+
+def test_several_inputs_need_an_output_folder_not_a_file(tmp_path, capsys):
+    make_test_image(8, 8).save(tmp_path / "a.png")
+    (tmp_path / "taken.png").write_bytes(b"x")
+    code = main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "a.png"), "-o", str(tmp_path / "taken.png"),
+                 "--weights", str(tmp_path)])
+    assert code == 2
+    assert "give an output folder" in capsys.readouterr().err
