@@ -60,6 +60,8 @@ def plan_jobs(inputs: Sequence[Path], output: Path, folder_format: str = "png") 
     jobs: dict[Path, Job] = {}
     for source in sources:
         target = output / f"{source.stem}.{folder_format}"
+        if target.resolve() == source.resolve():
+            raise ParamError("output", f"the result for {source} would replace it; choose another output folder")
         if target in jobs:
             raise ParamError(
                 "input", f"{jobs[target].source} and {source} would both be written to {target}; rename one"

@@ -111,3 +111,11 @@ def test_several_inputs_need_an_output_folder_not_a_file(tmp_path, capsys):
                  "--weights", str(tmp_path)])
     assert code == 2
     assert "give an output folder" in capsys.readouterr().err
+
+
+def test_a_result_never_replaces_its_input(tmp_path, capsys):
+    make_test_image(8, 8).save(tmp_path / "a.png")
+    code = main(["upscale", str(tmp_path), "-o", str(tmp_path), "--overwrite", "--weights", str(tmp_path)])
+    assert code == 2
+    assert "would replace it" in capsys.readouterr().err
+    assert Image.open(tmp_path / "a.png").size == (8, 8)
