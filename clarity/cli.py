@@ -15,6 +15,7 @@ from typing import get_type_hints
 
 from clarity.imageio import OUTPUT_FORMATS
 from clarity.params import ParamError, UpscaleParams, param_fields
+from clarity.remote import RemoteError
 
 #: Where the CLI and server look for weights when no --weights is given: a weights root or
 #: one model folder (see clarity/models/catalogue.py).
@@ -85,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--overwrite", action="store_true",
                          help="Redo results already in the output folder (default: skip them, so that an"
                               " interrupted batch resumes where it stopped).")
+    upscale.add_argument("--server", default=None, metavar="URL",
+                         help="Have a Clarity server do the work (e.g. http://gpu-box:8000) instead of this"
+                              " machine; --weights, --device and the speed flags are then the server's.")
+    upscale.add_argument("--api-key", default=None,
+                         help="The server's API key (default: $CLARITY_API_KEY).")
+    upscale.add_argument("--concurrency", type=int, default=2,
+                         help="With --server, images in flight at once (default: 2, so the server's queue"
+                              " never runs dry between images).")
     upscale.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help=WEIGHTS_HELP)
     upscale.add_argument("--model", default=None,
                          help="Model id in the weights root (default: clarity-upscaler if present, else the first).")
@@ -148,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParamError as error:
         print(f"clarity: error: {error}", file=sys.stderr)
         return 2
+    except RemoteError as error:
+        print(f"clarity: error: {error}", file=sys.stderr)
+        return 1
     except FileNotFoundError as error:
         print(f"clarity: error: {error}", file=sys.stderr)
         return 1
@@ -155,14 +167,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _upscale(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    from clarity import Upscaler
-    from clarity.batch import plan_jobs
-    from clarity.models.catalogue import Catalogue, upscaler_kwargs
+    from clarity.batch import Job, plan_jobs, write_atomically
 
     # Everything that can be checked without the model is, before minutes of loading and work.
     params = UpscaleParams.from_strings({f.name: getattr(args, f.name) for f in param_fields()})
+    if args.concurrency < 1:
+        raise ParamError("concurrency", f"must be at least 1, got {args.concurrency}")
     jobs = plan_jobs(args.inputs, args.output, args.folder_format)
     single = len(jobs) == 1 and jobs[0].target == args.output
     todo = [job for job in jobs if single or args.overwrite or not job.target.exists()]
@@ -172,6 +186,54 @@ def _upscale(args: argparse.Namespace) -> int:
     if not todo:
         return 0
 
+    # Bars on a terminal; silence in logs and pipes, where carriage returns are noise.
+    interactive = sys.stderr.isatty()
+    produce = _remote_producer(args, params) if args.server else _local_producer(args, params)
+
+    def run(job: Job, show_steps: bool = False) -> None:
+        data, description = produce(job, show_steps)
+        write_atomically(job.target, data)
+        print(f"wrote {job.target} {description}")
+
+    if single:
+        run(todo[0], show_steps=interactive)
+        return 0
+    failed = []
+
+    def run_or_report(job: Job) -> None:
+        try:
+            run(job)
+        except Exception as error:  # one bad image must not cost the rest of the batch
+            failed.append(job.source)
+            known = isinstance(error, ParamError | RemoteError)
+            print(f"clarity: error: {job.source}: {error if known else f'{type(error).__name__}: {error}'}",
+                  file=sys.stderr)
+
+    if args.server:
+        # A few requests in flight keep the server's queue fed; on Ctrl-C those finish and are
+        # written, and the rest never start.
+        pool = ThreadPoolExecutor(args.concurrency)
+        try:
+            list(tqdm(pool.map(run_or_report, todo), total=len(todo), unit="image", disable=not interactive))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    else:
+        for job in tqdm(todo, unit="image", disable=not interactive):  # the model is the bottleneck
+            run_or_report(job)
+    print(f"done: {len(todo) - len(failed)} written, {len(jobs) - len(todo)} skipped, {len(failed)} failed")
+    for source in failed:
+        print(f"failed: {source}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _local_producer(args: argparse.Namespace, params: UpscaleParams):
+    """Load the model once; return `produce(job, show_steps) -> (encoded result, description)`."""
+    from tqdm import tqdm
+
+    from clarity import ProgressEvent, Upscaler
+    from clarity.imageio import encode_image
+    from clarity.models.catalogue import Catalogue, upscaler_kwargs
+
     catalogue = Catalogue.discover(args.weights)
     model_id = catalogue.model_id(args.model)
     upscaler = Upscaler.from_pretrained(**upscaler_kwargs(catalogue, model_id), device=args.device,
@@ -179,49 +241,41 @@ def _upscale(args: argparse.Namespace) -> int:
     if upscaler.tiny_model:
         print("note: using the tiny test model; its output has no meaningful detail", file=sys.stderr)
 
-    # Bars on a terminal; silence in logs and pipes, where carriage returns are noise.
-    interactive = sys.stderr.isatty()
-    if single:
-        return _upscale_one(upscaler, todo[0], params, args, interactive)
-    failed = []
-    for job in tqdm(todo, unit="image", disable=not interactive):
-        try:
-            _upscale_one(upscaler, job, params, args, show_steps=False)
-        except Exception as error:  # one bad image must not cost the rest of the batch
-            failed.append(job.source)
-            reason = str(error) if isinstance(error, ParamError) else f"{type(error).__name__}: {error}"
-            print(f"clarity: error: {job.source}: {reason}", file=sys.stderr)
-    written = len(todo) - len(failed)
-    print(f"done: {written} written, {len(jobs) - len(todo)} skipped, {len(failed)} failed")
-    for source in failed:
-        print(f"failed: {source}", file=sys.stderr)
-    return 1 if failed else 0
+    def produce(job, show_steps: bool) -> tuple[bytes, str]:
+        bar = tqdm(total=100, unit="%", disable=not show_steps, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+        def on_progress(event: ProgressEvent) -> None:
+            bar.set_description(f"pass {event.pass_index + 1}/{event.passes}")
+            bar.update(round(event.fraction * 100) - bar.n)
+
+        result = upscaler.upscale(job.source, params, mask=args.mask, progress=on_progress)
+        bar.close()
+        stats = result.stats
+        description = (f"({result.image.width}x{result.image.height}) in {stats.seconds:.1f} s; seed {stats.seeds[0]},"
+                       f" {len(stats.passes)} pass(es), tiles per pass {[p.tiles for p in stats.passes]}")
+        return encode_image(result.image, job.output_format, args.quality), description
+
+    return produce
 
 
-def _upscale_one(upscaler, job, params: UpscaleParams, args: argparse.Namespace, show_steps: bool) -> int:
-    """Upscale `job.source` into `job.target` (written whole or not at all) and say what was written."""
-    from tqdm import tqdm
+def _remote_producer(args: argparse.Namespace, params: UpscaleParams):
+    """A client for `args.server`; return `produce(job, show_steps) -> (encoded result, description)`."""
+    import time
 
-    from clarity import ProgressEvent
-    from clarity.batch import write_atomically
-    from clarity.imageio import encode_image
+    from clarity.remote import RemoteUpscaler
 
-    bar = tqdm(total=100, unit="%", disable=not show_steps, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+    # Only what the user set travels (the rest are the server's defaults, which are the same),
+    # but always a prompt: OpenAI's `prompt` is required, and an empty one would mean "none".
+    fields = {f.name: getattr(args, f.name) for f in param_fields() if getattr(args, f.name) is not None}
+    fields.setdefault("prompt", params.prompt)
+    remote = RemoteUpscaler(args.server, args.api_key or os.environ.get("CLARITY_API_KEY"), args.model)
 
-    def on_progress(event: ProgressEvent) -> None:
-        bar.set_description(f"pass {event.pass_index + 1}/{event.passes}")
-        bar.update(round(event.fraction * 100) - bar.n)
+    def produce(job, show_steps: bool) -> tuple[bytes, str]:
+        started = time.perf_counter()
+        data, description = remote.upscale(job, fields, args.quality, args.mask)
+        return data, f"({description}) in {time.perf_counter() - started:.1f} s"
 
-    result = upscaler.upscale(job.source, params, mask=args.mask, progress=on_progress)
-    bar.close()
-    write_atomically(job.target, encode_image(result.image, job.output_format, args.quality))
-    stats = result.stats
-    print(
-        f"wrote {job.target} ({result.image.width}x{result.image.height}) in {stats.seconds:.1f} s;"
-        f" seed {stats.seeds[0]}, {len(stats.passes)} pass(es),"
-        f" tiles per pass {[p.tiles for p in stats.passes]}"
-    )
-    return 0
+    return produce
 
 
 def _weights_list(args: argparse.Namespace) -> int:

@@ -119,3 +119,32 @@ def test_a_result_never_replaces_its_input(tmp_path, capsys):
     assert code == 2
     assert "would replace it" in capsys.readouterr().err
     assert Image.open(tmp_path / "a.png").size == (8, 8)
+
+
+def test_a_batch_can_run_on_a_server(tiny_weights, tmp_path, tmp_path_factory, capsys):
+    from conftest import ServerProcess
+
+    photos, results = tmp_path / "photos", tmp_path / "results"
+    photos.mkdir()
+    make_test_image(20, 16, seed=1).save(photos / "a.png")
+    make_test_image(24, 16, seed=2).save(photos / "b.png")
+    Image.new("RGB", (3000, 3000)).save(photos / "huge.png")  # 6000x6000 would exceed the server's cap
+    server = ServerProcess(tiny_weights, tmp_path_factory.mktemp("cli-server") / "server.log",
+                           ["--api-key", "sk-cli", "--max-output-mp", "1"])
+    try:
+        server.wait_healthy()
+        code = main(["upscale", str(photos), "-o", str(results), "--server", server.url, "--api-key", "sk-cli",
+                     "--steps", "2", "--creativity", "0.5", "--format", "webp", "--seed", "5"])
+        out = capsys.readouterr()
+        assert code == 1, out
+        assert "done: 2 written, 0 skipped, 1 failed" in out.out
+        assert "huge.png: server answered 400: scale_factor: the output would be 6000x6000" in out.err
+        assert "seed 5" in out.out  # the parameters travelled
+        with Image.open(results / "a.webp") as result:
+            assert (result.format, result.size) == ("WEBP", (40, 32))
+
+        code = main(["upscale", str(photos / "a.png"), "-o", str(tmp_path / "one.png"), "--server", server.url,
+                     "--api-key", "wrong"])
+        assert code == 1 and "server answered 401" in capsys.readouterr().err
+    finally:
+        server.stop()

@@ -1,0 +1,68 @@
+"""`clarity upscale --server URL`: the same command, with the work done by a Clarity server.
+
+Requests go through the official `openai` SDK, as any app's would, so a batch gets its retries
+for free: a 429 (queue full), 503 (model loading, worker restarted) or 408 is retried after the
+server's `Retry-After`; a 500 is not (the server says `x-should-retry: false`). A 4xx names
+the field, and is reported for that image alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from clarity.batch import Job
+
+#: Retries of one request that the server answered "busy" or "not ready" (429, 503, 408).
+MAX_RETRIES = 8
+#: Seconds one request may take, queueing included (the server has its own limits).
+REQUEST_TIMEOUT = 3600.0
+
+
+class RemoteError(Exception):
+    """The server refused or failed an image: its message, naming the field when it did."""
+
+
+class RemoteUpscaler:
+    """Upscales image files on a Clarity (or any OpenAI-images-compatible) server at `base_url`."""
+
+    def __init__(self, base_url: str, api_key: str | None, model: str | None = None) -> None:
+        import openai
+
+        self.model = model
+        # The SDK insists on a key; a server without --api-key ignores whatever is sent.
+        self.client = openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key or "none",
+                                    max_retries=MAX_RETRIES, timeout=REQUEST_TIMEOUT)
+
+    def upscale(self, job: Job, fields: dict[str, str], quality: int | None, mask: Path | None) -> tuple[bytes, str]:
+        """The encoded result for `job` (in `job.output_format`) and a one-line description of it.
+
+        `fields` are the engine parameters to send (form text, as the user gave them), with
+        `prompt` always among them (OpenAI's `prompt` is required); those left out take the
+        server's defaults.
+        """
+        import openai
+
+        extra: dict[str, Any] = {**fields, "output_format": job.output_format}
+        if quality is not None:
+            extra["output_compression"] = quality
+        prompt = extra.pop("prompt")
+        optional = {"model": self.model} if self.model else {}
+        try:
+            with open(job.source, "rb") as image, (open(mask, "rb") if mask else contextlib.nullcontext()) as mask_file:
+                if mask_file is not None:
+                    optional["mask"] = mask_file
+                response = self.client.images.edit(
+                    image=image, prompt=prompt, response_format="b64_json", extra_body=extra, **optional
+                )
+        except openai.APIStatusError as error:
+            body = error.body if isinstance(error.body, dict) else {}
+            raise RemoteError(f"server answered {error.status_code}: {body.get('message') or error.message}") from None
+        except openai.APIConnectionError as error:
+            raise RemoteError(f"cannot reach the server: {error}") from None
+        data = response.data[0]
+        seed = getattr(data, "seed", None) or (data.model_extra or {}).get("seed")
+        return base64.b64decode(data.b64_json), f"{response.size} on the server; seed {seed}"
+
