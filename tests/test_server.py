@@ -448,3 +448,22 @@ def test_serve_flags_choose_the_models(weights_root, monkeypatch, capsys):
     assert (built["models"], built["default_model"]) == (["other", "clarity-upscaler"], "other")
     assert app.main(["--weights", str(weights_root), "--models", "juggernaut"]) == 1
     assert "no model 'juggernaut'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("status", "code", "retried"), [(504, "compute_timeout", False), (504, "queue_timeout", True),
+                                                         (503, "worker_restarted", True), (500, None, False)])
+def test_the_sdk_retries_only_what_may_succeed_on_a_retry(status, code, retried):
+    import asyncio
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from clarity.serving.app import _http_exception_handler
+    from clarity.serving.openai import error_body
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/images/edits", "headers": []})
+    error = HTTPException(status, detail=error_body(status, "x", code=code))
+    response = asyncio.run(_http_exception_handler(request, error))
+    # The openai SDKs retry 5xx unless told `x-should-retry: false`, after `Retry-After` if given.
+    assert (response.headers.get("x-should-retry") != "false") is retried
+    assert ("retry-after" in response.headers) is retried

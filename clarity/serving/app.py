@@ -221,8 +221,10 @@ async def _http_exception_handler(request: Request, error: StarletteHTTPExceptio
         body = openai.error_body(504, "The request waited too long for a free worker; retry later.",
                                  code="queue_timeout")
     if error.status_code >= 500:
-        # The SDK retries 5xx twice; an upscale that failed will fail again, a full queue may not.
-        headers.update({"Retry-After": "5"} if error.status_code in (503, 504) else {"x-should-retry": "false"})
+        # The SDK retries 5xx twice: worth it for a busy or restarting server, not for an upscale
+        # that failed or ran over the compute limit (it would again, at the same cost).
+        retryable = error.status_code in (503, 504) and body["error"].get("code") != "compute_timeout"
+        headers.update({"Retry-After": "5"} if retryable else {"x-should-retry": "false"})
     return JSONResponse(body, status_code=error.status_code, headers=headers)
 
 
