@@ -269,6 +269,7 @@ def _remote_producer(args: argparse.Namespace, params: UpscaleParams):
     fields = {f.name: getattr(args, f.name) for f in param_fields() if getattr(args, f.name) is not None}
     fields.setdefault("prompt", params.prompt)
     remote = RemoteUpscaler(args.server, args.api_key or os.environ.get("CLARITY_API_KEY"), args.model)
+    remote.check()  # a wrong URL, key or model fails once, not once per image
 
     def produce(job, show_steps: bool) -> tuple[bytes, str]:
         started = time.perf_counter()

@@ -36,6 +36,19 @@ class RemoteUpscaler:
         self.client = openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key or "none",
                                     max_retries=MAX_RETRIES, timeout=REQUEST_TIMEOUT)
 
+    def check(self) -> None:
+        """Fail fast, before a batch: the server answers, accepts the key, and serves `model`."""
+        import openai
+
+        try:
+            served = [model.id for model in self.client.with_options(max_retries=2, timeout=30).models.list()]
+        except openai.APIStatusError as error:
+            raise RemoteError(_status_message(error)) from None
+        except openai.APIConnectionError as error:
+            raise RemoteError(f"cannot reach the server at {self.client.base_url}: {error}") from None
+        if self.model is not None and self.model not in served:
+            raise RemoteError(f"the server does not serve model {self.model!r}; it serves {', '.join(served)}")
+
     def upscale(self, job: Job, fields: dict[str, str], quality: int | None, mask: Path | None) -> tuple[bytes, str]:
         """The encoded result for `job` (in `job.output_format`) and a one-line description of it.
 
@@ -58,11 +71,15 @@ class RemoteUpscaler:
                     image=image, prompt=prompt, response_format="b64_json", extra_body=extra, **optional
                 )
         except openai.APIStatusError as error:
-            body = error.body if isinstance(error.body, dict) else {}
-            raise RemoteError(f"server answered {error.status_code}: {body.get('message') or error.message}") from None
+            raise RemoteError(_status_message(error)) from None
         except openai.APIConnectionError as error:
             raise RemoteError(f"cannot reach the server: {error}") from None
         data = response.data[0]
         seed = getattr(data, "seed", None) or (data.model_extra or {}).get("seed")
         return base64.b64decode(data.b64_json), f"{response.size} on the server; seed {seed}"
 
+
+def _status_message(error) -> str:
+    """`server answered <status>: <its message>` for an `openai.APIStatusError`."""
+    body = error.body if isinstance(error.body, dict) else {}
+    return f"server answered {error.status_code}: {body.get('message') or error.message}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from conftest import make_test_image
 from PIL import Image
 
@@ -146,5 +148,13 @@ def test_a_batch_can_run_on_a_server(tiny_weights, tmp_path, tmp_path_factory, c
         code = main(["upscale", str(photos / "a.png"), "-o", str(tmp_path / "one.png"), "--server", server.url,
                      "--api-key", "wrong"])
         assert code == 1 and "server answered 401" in capsys.readouterr().err
+        code = main(["upscale", str(photos), "-o", str(tmp_path / "other"), "--server", server.url,
+                     "--api-key", "sk-cli", "--model", "sdxl"])
+        assert code == 1 and "does not serve model 'sdxl'; it serves clarity-upscaler" in capsys.readouterr().err
     finally:
         server.stop()
+    # Gone: said once, quickly, instead of once per image after every retry.
+    started = time.monotonic()
+    assert main(["upscale", str(photos), "-o", str(tmp_path / "other"), "--server", server.url]) == 1
+    assert "cannot reach the server" in capsys.readouterr().err and time.monotonic() - started < 20
+    assert not (tmp_path / "other").exists()
