@@ -231,18 +231,13 @@ class PromptEncoder:
         Lets a bad prompt fail before minutes of work, and also when no pass encodes it
         (creativity 0).
         """
-        prompt, tags = split_lora_tags(prompt, "prompt")
-        negative_prompt, negative_tags = split_lora_tags(negative_prompt, "negative_prompt")
-        self._resolve_loras(negative_tags, "negative_prompt", self._resolve_loras(tags, "prompt", {}))
+        prompt, negative_prompt, _ = self._split_loras(prompt, negative_prompt)
         parse_weighting(prompt, "prompt")
         parse_weighting(negative_prompt, "negative_prompt")
 
     def encode(self, prompt: str, negative_prompt: str, do_cfg: bool) -> EncodedPrompt:
         """Apply the prompts' LoRA tags to the models and encode [negative, positive] (or positive)."""
-        prompt, tags = split_lora_tags(prompt, "prompt")
-        negative_prompt, negative_tags = split_lora_tags(negative_prompt, "negative_prompt")
-        loras = self._resolve_loras(tags, "prompt", {})
-        loras = self._resolve_loras(negative_tags, "negative_prompt", loras)
+        prompt, negative_prompt, loras = self._split_loras(prompt, negative_prompt)
         self._apply_loras(loras)
 
         texts = {"negative_prompt": negative_prompt, "prompt": prompt} if do_cfg else {"prompt": prompt}
@@ -303,6 +298,13 @@ class PromptEncoder:
         return torch.cat(parts, dim=1)
 
     # --- LoRAs ----------------------------------------------------------------------------
+
+    def _split_loras(self, prompt: str, negative_prompt: str) -> tuple[str, str, dict[str, LoraTag]]:
+        """Both prompts without their `<lora:...>` tags, and the LoRAs those name (checked to exist)."""
+        prompt, tags = split_lora_tags(prompt, "prompt")
+        negative_prompt, negative_tags = split_lora_tags(negative_prompt, "negative_prompt")
+        loras = self._resolve_loras(negative_tags, "negative_prompt", self._resolve_loras(tags, "prompt", {}))
+        return prompt, negative_prompt, loras
 
     def _resolve_loras(self, tags: list[LoraTag], param: str, resolved: dict[str, LoraTag]) -> dict[str, LoraTag]:
         """Check every tag names a LoRA file; `resolved` plus these tags, by name."""
