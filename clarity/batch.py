@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clarity.imageio import OUTPUT_FORMATS
+from clarity.imageio import check_output_format
 from clarity.params import ParamError
 
 #: File name extensions taken from an input folder (other files there are left alone).
@@ -36,15 +36,10 @@ def plan_jobs(inputs: Sequence[Path], output: Path, folder_format: str = "png") 
     `<output>/<input stem>.<folder_format>`. Raises `ParamError` naming `output` or `input`
     when that cannot work, before any image is read.
     """
-    if folder_format not in OUTPUT_FORMATS:
-        raise ParamError("format", f"must be one of {', '.join(OUTPUT_FORMATS)}, got {folder_format!r}")
+    folder_format = check_output_format(folder_format, "format")
     single_file = len(inputs) == 1 and not inputs[0].is_dir() and not output.is_dir()
     if single_file and output.suffix:
-        output_format = output.suffix.lower().lstrip(".")
-        if output_format not in OUTPUT_FORMATS:
-            choices = ", ".join(OUTPUT_FORMATS)
-            raise ParamError("output", f"unsupported extension {output.suffix!r}; use one of {choices}")
-        return [Job(inputs[0], output, output_format)]
+        return [Job(inputs[0], output, check_output_format(output.suffix.lstrip("."), "output"))]
     if output.exists() and not output.is_dir():
         raise ParamError("output", f"{output} is a file; with several inputs or a folder, give an output folder")
 

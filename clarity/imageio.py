@@ -177,13 +177,16 @@ def join_from_model(rgb: Image.Image, original: SplitImage) -> Image.Image:
     return result
 
 
+def check_output_format(output_format: str, param: str = "output_format") -> str:
+    """`output_format` in lower case if it is one of `OUTPUT_FORMATS`, else a `ParamError` naming `param`."""
+    if output_format.lower() not in OUTPUT_FORMATS:
+        raise ParamError(param, f"must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
+    return output_format.lower()
+
+
 def encode_image(image: Image.Image, output_format: str = "png", quality: int | None = None) -> bytes:
     """Encode to `output_format` (png, jpeg, webp, avif, gif); `quality` 0-100 for lossy formats."""
-    try:
-        pil_format = OUTPUT_FORMATS[output_format.lower()]
-    except KeyError:
-        choices = ", ".join(OUTPUT_FORMATS)
-        raise ParamError("output_format", f"must be one of {choices}; got {output_format!r}") from None
+    pil_format = OUTPUT_FORMATS[check_output_format(output_format)]
     if pil_format == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # JPEG has no alpha channel
     options: dict = {}
