@@ -75,8 +75,8 @@ class RemoteUpscaler:
         except openai.APIConnectionError as error:
             raise RemoteError(f"cannot reach the server: {error}") from None
         data = response.data[0]
-        seed = getattr(data, "seed", None) or (data.model_extra or {}).get("seed")
-        return base64.b64decode(data.b64_json), f"{response.size} on the server; seed {seed}"
+        # `seed` is Clarity's addition to OpenAI's image object; the SDK keeps unknown fields.
+        return base64.b64decode(data.b64_json), f"{response.size} on the server; seed {getattr(data, 'seed', None)}"
 
 
 def _status_message(error) -> str:
