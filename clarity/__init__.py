@@ -10,23 +10,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from clarity.params import ParamError, UpscaleParams
+from clarity.errors import ClarityError, ContentPolicyError, ParamError, WeightsError
+from clarity.params import UpscaleParams
 
 if TYPE_CHECKING:
     from clarity.engine.acceleration import SpeedOptions
-    from clarity.engine.safety import ContentPolicyError
     from clarity.engine.upscaler import ProgressEvent, Upscaler, UpscaleResult, UpscaleStats
 
 __all__ = [
-    "ContentPolicyError", "ParamError", "ProgressEvent", "SpeedOptions", "UpscaleParams", "UpscaleResult",
-    "UpscaleStats", "Upscaler",
+    "ClarityError", "ContentPolicyError", "ParamError", "ProgressEvent", "SpeedOptions", "UpscaleParams",
+    "UpscaleResult", "UpscaleStats", "Upscaler", "WeightsError",
 ]
 __version__ = "0.1.0"
 
 #: Public names and the engine module each lives in.
 _ENGINE_NAMES = {
     "ProgressEvent": "upscaler", "Upscaler": "upscaler", "UpscaleResult": "upscaler", "UpscaleStats": "upscaler",
-    "SpeedOptions": "acceleration", "ContentPolicyError": "safety",
+    "SpeedOptions": "acceleration",
 }
 
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from clarity.errors import ParamError
 from clarity.imageio import check_output_format
-from clarity.params import ParamError
 
 #: File name extensions taken from an input folder (other files there are left alone).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"})

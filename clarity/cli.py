@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import get_type_hints
 
+from clarity.errors import ClarityError, ParamError
 from clarity.imageio import OUTPUT_FORMATS
-from clarity.params import ParamError, UpscaleParams, param_fields
+from clarity.params import UpscaleParams, param_fields
 from clarity.remote import RemoteError
 
 #: Where the CLI and server look for weights when no --weights is given: a weights root or
@@ -157,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamError as error:
         print(f"clarity: error: {error}", file=sys.stderr)
         return 2
-    except RemoteError as error:
-        print(f"clarity: error: {error}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as error:
+    except (ClarityError, RemoteError, FileNotFoundError) as error:
         print(f"clarity: error: {error}", file=sys.stderr)
         return 1
     return 2
@@ -205,7 +203,7 @@ def _upscale(args: argparse.Namespace) -> int:
             run(job)
         except Exception as error:  # one bad image must not cost the rest of the batch
             failed.append(job.source)
-            known = isinstance(error, ParamError | RemoteError)
+            known = isinstance(error, ClarityError | RemoteError)
             print(f"clarity: error: {job.source}: {error if known else f'{type(error).__name__}: {error}'}",
                   file=sys.stderr)
 

@@ -14,18 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
-
-class ParamError(ValueError):
-    """A parameter is missing, unknown, of the wrong type or out of range.
-
-    `param` names the offending field so that every front end (CLI, HTTP, Python) can point
-    the user at it.
-    """
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-        self.message = message
+from clarity.errors import ParamError
 
 
 def _param(default: Any, help: str, *, min: float | None = None, max: float | None = None,

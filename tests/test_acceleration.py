@@ -13,7 +13,7 @@ import torch
 from clarity import Upscaler
 from clarity.cli import main
 from clarity.engine.acceleration import SpeedOptions, resolve_device, resolve_dtype
-from clarity.params import ParamError
+from clarity.errors import ParamError
 from tests.conftest import FAST, make_test_image
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

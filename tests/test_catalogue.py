@@ -12,9 +12,9 @@ from conftest import make_test_image
 from safetensors.torch import save_file
 
 from clarity.cli import main
+from clarity.errors import ParamError, WeightsError
 from clarity.models.catalogue import Catalogue, inspect_weights, upscaler_kwargs
-from clarity.models.loading import ModelSource, WeightsError
-from clarity.params import ParamError
+from clarity.models.loading import ModelSource
 
 #: The parts of a model folder that are the checkpoint itself (no ControlNet, no VAE).
 CHECKPOINT_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")

@@ -16,8 +16,7 @@ from clarity.engine.esrgan import (
     save_tiny_esrgan,
 )
 from clarity.engine.preupscale import PreUpscalerRegistry
-from clarity.models.loading import WeightsError
-from clarity.params import ParamError
+from clarity.errors import ParamError, WeightsError
 from tests.conftest import FAST, make_test_image
 
 

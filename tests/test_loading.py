@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from clarity.models.loading import ModelSource, WeightsError, load_components
+from clarity.errors import WeightsError
+from clarity.models.loading import ModelSource, load_components
 from clarity.models.tiny import build_tiny_pipeline
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clarity.params import ParamError, UpscaleParams, param_fields
+from clarity.errors import ParamError
+from clarity.params import UpscaleParams, param_fields
 
 
 def test_defaults_follow_the_original_clarity_upscaler():

@@ -6,8 +6,9 @@ import pytest
 from fastapi import HTTPException
 
 from clarity import Upscaler
-from clarity.engine.safety import ContentPolicyError, SafetyChecker, save_tiny_safety_checker
-from clarity.params import ParamError, UpscaleParams
+from clarity.engine.safety import SafetyChecker, save_tiny_safety_checker
+from clarity.errors import ContentPolicyError, ParamError
+from clarity.params import UpscaleParams
 from tests.conftest import FAST, make_test_image
 
 

@@ -18,8 +18,8 @@ from conftest import make_test_image, running_server
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from clarity.errors import ParamError
 from clarity.models.catalogue import Catalogue
-from clarity.params import ParamError
 from clarity.serving.app import build_server
 from clarity.serving.files import FileStore
 

@@ -11,8 +11,9 @@ from conftest import FAST, make_test_image
 from safetensors.torch import load_file, save_file
 
 from clarity.cli import main
+from clarity.errors import WeightsError
 from clarity.models import single_file
-from clarity.models.loading import ModelSource, WeightsError, check_source, load_components
+from clarity.models.loading import ModelSource, check_source, load_components
 from clarity.models.tiny import EXTRA_FILES, FORMATS, SINGLE_FILES, save_tiny_weights
 
 

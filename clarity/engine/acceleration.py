@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clarity.params import ParamError
+from clarity.errors import ParamError
 
 if TYPE_CHECKING:
     from clarity.engine.pipeline import TiledUpscalePipeline

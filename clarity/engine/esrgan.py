@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from clarity.models.loading import WeightsError
+from clarity.errors import WeightsError
 
 #: File types a pre-upscaler model may come in.
 MODEL_SUFFIXES = (".pth", ".safetensors")

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from clarity.params import ParamError
+from clarity.errors import ParamError
 
 
 class PreUpscaler(Protocol):

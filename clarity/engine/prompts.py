@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clarity.params import ParamError
+from clarity.errors import ParamError, WeightsError
 
 if TYPE_CHECKING:
     from compel import Compel
@@ -402,7 +402,6 @@ class PromptEncoder:
 
 def _load_or_explain(load: Callable[[], object], what: str, requirement: str) -> None:
     """Run `load()`; any failure is a `WeightsError` naming `what` was loaded and what it must be."""
-    from clarity.models.loading import WeightsError
 
     try:
         load()

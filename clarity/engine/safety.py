@@ -15,20 +15,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from clarity.models.loading import WeightsError
-from clarity.params import ParamError
+from clarity.errors import ParamError, WeightsError
 
 logger = logging.getLogger(__name__)
 
 #: Files the checker folder must hold (besides the weights file).
 REQUIRED_FILES = ("config.json", "preprocessor_config.json")
 
-
-class ContentPolicyError(ParamError):
-    """An output was flagged by the safety checker; the request fails (OpenAI: content_policy_violation)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("image", message)
 
 
 def not_installed(folder: Path | None) -> ParamError:

@@ -31,8 +31,9 @@ from clarity.engine.acceleration import (
 from clarity.engine.pipeline import PassSettings, PassStats, TiledUpscalePipeline
 from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, PreUpscalerRegistry, lanczos
-from clarity.engine.safety import ContentPolicyError, SafetyChecker, is_installed, not_installed
+from clarity.engine.safety import SafetyChecker, is_installed, not_installed
 from clarity.engine.seamless import crossfade_borders, filter_periodic, resize_periodic, seam_axes, snap_to_latent_grid
+from clarity.errors import ContentPolicyError, ParamError
 from clarity.imageio import (
     DEFAULT_MAX_OUTPUT_PIXELS,
     ImageSource,
@@ -41,7 +42,7 @@ from clarity.imageio import (
     same_aspect_ratio,
     split_for_model,
 )
-from clarity.params import ParamError, UpscaleParams
+from clarity.params import UpscaleParams
 
 if TYPE_CHECKING:
     from clarity.models.loading import ModelSource

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clarity.params import ParamError
+from clarity.errors import ParamError, WeightsError
 
 # clarity.models.loading and .tiny import torch, which takes seconds: they are imported where
 # used, so that `clarity weights download` can fail offline at once and `--help` stays fast.
@@ -81,7 +81,7 @@ class Catalogue:
         Raises `WeightsError` when `path` holds no model or a file is misnamed, and `ParamError`
         naming `models` / `default_model` when those ask for ids that are not there.
         """
-        from clarity.models.loading import ModelSource, WeightsError
+        from clarity.models.loading import ModelSource
 
         root = Path(path)
         if not root.exists():
@@ -160,7 +160,7 @@ def suggested_id(name: str) -> str:
 
 
 def _discover_models(root: Path) -> dict[str, ModelSource]:
-    from clarity.models.loading import ModelSource, WeightsError
+    from clarity.models.loading import ModelSource
 
     folder = root / "models"
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
@@ -187,7 +187,6 @@ def _discover_models(root: Path) -> dict[str, ModelSource]:
 
 def _part_location(folder: Path) -> Path:
     """A ControlNet or VAE folder: itself when in diffusers layout, else the one checkpoint file in it."""
-    from clarity.models.loading import WeightsError
 
     if (folder / "config.json").exists() or not folder.is_dir():
         return folder
@@ -273,7 +272,7 @@ def _entry(root: Path, kind: str, path: Path, problem: str | None, notes: tuple[
 
 
 def _inspect_model(catalogue: Catalogue, model_id: str, load: bool) -> WeightsEntry:
-    from clarity.models.loading import WeightsError, load_components
+    from clarity.models.loading import load_components
 
     source = catalogue.models[model_id]
     notes = ("default",) if model_id == catalogue.default_model else ()
@@ -293,7 +292,7 @@ def _inspect_model(catalogue: Catalogue, model_id: str, load: bool) -> WeightsEn
 
 
 def _model_problem(source: ModelSource) -> str | None:
-    from clarity.models.loading import WeightsError, check_source
+    from clarity.models.loading import check_source
 
     try:
         # The loader's own cheap check: parts present, and single files' headers (their key names).

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from clarity.errors import WeightsError
 from clarity.models.catalogue import DEFAULT_MODEL_ID
 
 #: Seconds to wait for the hub's file listing before calling it unreachable.
@@ -260,7 +261,6 @@ def download(
     root = Path(root)
     if (root / "unet").is_dir():
         # Files put in a model folder would never be found: it is read as that one model.
-        from clarity.models.loading import WeightsError
 
         raise WeightsError(f"{root} is a model folder, not a weights root; download into another folder")
     wanted = list(wanted)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from clarity.errors import WeightsError
 from clarity.models.tiny import TINY_MARKER
 
 #: Subfolders a diffusers model folder must have, and what goes in each.
@@ -32,9 +33,6 @@ REQUIRED_PARTS: dict[str, str] = {
     "controlnet": "ControlNet tile (control_v11f1e_sd15_tile)",
 }
 
-
-class WeightsError(FileNotFoundError):
-    """A weights folder is missing, incomplete or unreadable; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from clarity.models.loading import WeightsError
+from clarity.errors import WeightsError
 
 #: File suffixes read as single-file checkpoints; the pickled ones load with `weights_only=True`.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt")

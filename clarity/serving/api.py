@@ -18,9 +18,8 @@ import litserve as ls
 from fastapi import HTTPException
 
 from clarity.engine.acceleration import SpeedOptions
-from clarity.engine.safety import ContentPolicyError
+from clarity.errors import ContentPolicyError, ParamError
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS, encode_image
-from clarity.params import ParamError
 from clarity.serving import openai
 from clarity.serving.cancellation import REQUEST_ID_FIELD, CancelRegistry
 from clarity.serving.files import FILES_ROUTE, FileStore

@@ -38,6 +38,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clarity.errors import ParamError, WeightsError
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.serving import openai
 from clarity.serving.cancellation import CancelRegistry, tag_request
@@ -447,7 +448,6 @@ def check_speed_for_accelerator(speed: SpeedOptions, accelerator: str) -> None:
     import torch
 
     from clarity.engine.acceleration import resolve_dtype
-    from clarity.params import ParamError
 
     cuda = torch.cuda.is_available()
     if accelerator == "cuda" and not cuda:
@@ -464,8 +464,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; exit at once (1) if the weights are unusable."""
     from clarity.cli import speed_options
     from clarity.models.catalogue import Catalogue
-    from clarity.models.loading import WeightsError, check_source
-    from clarity.params import ParamError
+    from clarity.models.loading import check_source
 
     configure_logging(args.log_level)
     try:

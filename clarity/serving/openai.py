@@ -39,8 +39,9 @@ from typing import Any, get_args, get_type_hints
 
 from PIL import Image
 
+from clarity.errors import ParamError
 from clarity.imageio import ASPECT_TOLERANCE, OUTPUT_FORMATS, load_image, same_aspect_ratio
-from clarity.params import ParamError, UpscaleParams, param_fields
+from clarity.params import UpscaleParams, param_fields
 
 #: Where the SDKs post `images.edit` (relative to the host; base_url ends in /v1).
 EDITS_PATH = "/v1/images/edits"
