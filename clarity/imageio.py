@@ -22,9 +22,36 @@ from clarity.errors import ParamError
 
 #: Decoders tried on untrusted input.
 INPUT_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
-#: Encoders offered for output, by the names the OpenAI API and the CLI use.
-OUTPUT_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP",
-                                  "avif": "AVIF", "gif": "GIF"}
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """An encoder offered for results, by the name the OpenAI API, the CLI and result files use."""
+
+    name: str
+    #: Pillow's name for the encoder.
+    pil_format: str
+    #: The HTTP Content-Type of a result in this format.
+    media_type: str
+    #: Whether it takes a quality (OpenAI's `output_compression`, the CLI's `--quality`).
+    lossy: bool
+    #: Whether it keeps transparency; without it an image with alpha is flattened to RGB.
+    alpha: bool
+
+
+#: The one table of output formats.
+OUTPUT_FORMATS: dict[str, OutputFormat] = {
+    entry.name: entry
+    for entry in (
+        OutputFormat("png", "PNG", "image/png", lossy=False, alpha=True),
+        OutputFormat("jpeg", "JPEG", "image/jpeg", lossy=True, alpha=False),
+        OutputFormat("webp", "WEBP", "image/webp", lossy=True, alpha=True),
+        OutputFormat("avif", "AVIF", "image/avif", lossy=True, alpha=True),
+        OutputFormat("gif", "GIF", "image/gif", lossy=False, alpha=True),
+    )
+}
+#: Other spellings accepted where a user names a format (a file extension, `--format`).
+FORMAT_ALIASES: dict[str, str] = {"jpg": "jpeg"}
 #: Refuse larger inputs (pixels) before decoding them; Pillow's own bomb limit is ~179 MP.
 DEFAULT_MAX_INPUT_PIXELS = 64_000_000
 #: Default cap on output pixels (4096 x 4096). Model activations are tiled, but the engine
@@ -178,20 +205,28 @@ def join_from_model(rgb: Image.Image, original: SplitImage) -> Image.Image:
 
 
 def check_output_format(output_format: str, param: str = "output_format") -> str:
-    """`output_format` in lower case if it is one of `OUTPUT_FORMATS`, else a `ParamError` naming `param`."""
-    if output_format.lower() not in OUTPUT_FORMATS:
-        raise ParamError(param, f"must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
-    return output_format.lower()
+    """`output_format` in lower case if it names an output format or an alias (jpg), else `ParamError`."""
+    name = output_format.lower()
+    if name not in OUTPUT_FORMATS and name not in FORMAT_ALIASES:
+        accepted = ", ".join([*OUTPUT_FORMATS, *FORMAT_ALIASES])
+        raise ParamError(param, f"must be one of {accepted}; got {output_format!r}")
+    return name
+
+
+def output_format_of(name: str) -> OutputFormat:
+    """The `OutputFormat` an accepted name (or alias) stands for."""
+    name = check_output_format(name)
+    return OUTPUT_FORMATS[FORMAT_ALIASES.get(name, name)]
 
 
 def encode_image(image: Image.Image, output_format: str = "png", quality: int | None = None) -> bytes:
-    """Encode to `output_format` (png, jpeg, webp, avif, gif); `quality` 0-100 for lossy formats."""
-    pil_format = OUTPUT_FORMATS[check_output_format(output_format)]
-    if pil_format == "JPEG" and image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")  # JPEG has no alpha channel
+    """Encode to `output_format` (see `OUTPUT_FORMATS`); `quality` 0-100 for lossy formats."""
+    encoder = output_format_of(output_format)
+    if not encoder.alpha and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
     options: dict = {}
-    if quality is not None and pil_format in ("JPEG", "WEBP", "AVIF"):
+    if quality is not None and encoder.lossy:
         options["quality"] = quality
     buffer = io.BytesIO()
-    image.save(buffer, format=pil_format, **options)
+    image.save(buffer, format=encoder.pil_format, **options)
     return buffer.getvalue()

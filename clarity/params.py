@@ -10,19 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
 from clarity.errors import ParamError
-
-
-def _param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field carrying its documentation and limits as metadata."""
-    metadata = {"help": help, "min": min, "max": max, "choices": choices}
-    return field(default=default, metadata=metadata)
-
+from clarity.options import option
 
 #: Scheduler names users know from A1111 and the original Clarity; see engine/schedulers.py.
 SCHEDULER_NAMES: tuple[str, ...] = (
@@ -47,66 +40,68 @@ DEFAULT_NEGATIVE_PROMPT = "(worst quality, low quality, normal quality:2)"
 class UpscaleParams:
     """What one upscale should do. Validated on construction; invalid values raise `ParamError`."""
 
-    prompt: str = _param(DEFAULT_PROMPT, "What the added detail should look like.")
-    negative_prompt: str = _param(DEFAULT_NEGATIVE_PROMPT, "What the added detail should avoid.")
-    scale_factor: float = _param(
-        2.0, "Output size / input size. Above 2 it runs as chained passes of at most 2x.", min=1.0, max=16.0
+    prompt: str = option(DEFAULT_PROMPT, "What the added detail should look like.")
+    negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, "What the added detail should avoid.")
+    scale_factor: float = option(
+        2.0, "Output size / input size. Above 2 it runs as chained passes of at most 2x.", min=1.0, max=16.0,
+        aliases=("--scale",),
     )
-    creativity: float = _param(
+    creativity: float = option(
         0.35, "Denoising strength: how much new detail is invented. 0 returns the pre-upscaled image.",
         min=0.0, max=1.0,
     )
-    resemblance: float = _param(
+    resemblance: float = option(
         0.6, "ControlNet-tile weight: how closely the output follows the input's structure.", min=0.0, max=3.0
     )
-    dynamic: float = _param(
+    dynamic: float = option(
         6.0, "Classifier-free guidance scale (the original's 'HDR'). 1 disables guidance.", min=1.0, max=50.0
     )
-    num_inference_steps: int = _param(
-        18, "Scheduler steps for a full denoise; only int(steps x creativity) of them run.", min=1, max=100
+    num_inference_steps: int = option(
+        18, "Scheduler steps for a full denoise; only int(steps x creativity) of them run.", min=1, max=100,
+        aliases=("--steps",),
     )
-    seed: int | None = _param(
+    seed: int | None = option(
         1337, "Random seed; the same seed, image and parameters give the same output. None = random.",
         min=0, max=2**32 - 1,
     )
-    scheduler: str = _param("DPM++ 3M SDE Karras", "Sampler.", choices=SCHEDULER_NAMES)
-    tiling_width: int = _param(
+    scheduler: str = option("DPM++ 3M SDE Karras", "Sampler.", choices=SCHEDULER_NAMES)
+    tiling_width: int = option(
         112, "Largest tile width in latent pixels (x8 = image pixels). Smaller tiles invent more detail.",
         min=16, max=256,
     )
-    tiling_height: int = _param(144, "Largest tile height in latent pixels (x8 = image pixels).", min=16, max=256)
-    tile_overlap: int = _param(8, "Least overlap between neighbouring tiles, in latent pixels.", min=4, max=64)
-    tile_batch_size: int = _param(8, "Tiles sent through the UNet and ControlNet in one call.", min=1, max=64)
-    vae_tile_size: int = _param(
+    tiling_height: int = option(144, "Largest tile height in latent pixels (x8 = image pixels).", min=16, max=256)
+    tile_overlap: int = option(8, "Least overlap between neighbouring tiles, in latent pixels.", min=4, max=64)
+    tile_batch_size: int = option(8, "Tiles sent through the UNet and ControlNet in one call.", min=1, max=64)
+    vae_tile_size: int = option(
         1024, "Largest VAE tile side in pixels (a multiple of 64); larger images are encoded and decoded in"
         " tiles, so memory follows this size, not the image's.", min=128, max=8192,
     )
-    multistep_factor: float = _param(
+    multistep_factor: float = option(
         0.8, "Each chained pass after the first multiplies creativity by this.", min=0.0, max=2.0
     )
-    controlnet_decay: float = _param(
+    controlnet_decay: float = option(
         0.825, "ControlNet residual i of n is scaled by resemblance x decay^(n-1-i); 1 = uniform.",
         min=0.0, max=1.0,
     )
-    color_fix: str = _param(
+    color_fix: str = option(
         "wavelet", "Keep the input's colours: wavelet (coarse layers from the input), adain (channel mean/std)"
         " or none.", choices=COLOR_FIX_METHODS,
     )
-    sharpen: float = _param(0.0, "Sharpen the result with the original's 3x3 kernel; 0 = off.", min=0.0, max=10.0)
-    downscaling: bool = _param(False, "Shrink the input first so its longest side is downscaling_resolution.")
-    downscaling_resolution: int = _param(
+    sharpen: float = option(0.0, "Sharpen the result with the original's 3x3 kernel; 0 = off.", min=0.0, max=10.0)
+    downscaling: bool = option(False, "Shrink the input first so its longest side is downscaling_resolution.")
+    downscaling_resolution: int = option(
         768, "Longest side, in pixels, the input is shrunk to when downscaling is on.", min=64, max=8192
     )
-    pattern: bool = _param(
+    pattern: bool = option(
         False,
         "Seamless, tileable output: opposite edges continue each other, so copies laid side by side"
         " show no seam. An input that does not tile already has its mismatched borders cross-faded first.",
     )
-    upscaler: str = _param(
+    upscaler: str = option(
         "lanczos", "Pre-upscaler that brings each pass to its output size before diffusion: lanczos, or the"
         " name (file stem) of an ESRGAN-family model in weights/upscalers/, e.g. 4x-UltraSharp.",
     )
-    enable_safety_checker: bool = _param(
+    enable_safety_checker: bool = option(
         False, "Check outputs with the Stable Diffusion safety checker (installed in weights/safety_checker/);"
         " a flagged output fails the request.",
     )
@@ -161,12 +156,55 @@ def unknown_fields(names: Mapping[str, Any] | list[str]) -> None:
     known = [f.name for f in fields(UpscaleParams)]
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ParamError(name, f"unknown parameter{hint}")
+            raise ParamError(name, f"unknown parameter{did_you_mean(name, known)}")
+
+
+# --- text parsing, shared by every front end (UpscaleParams.from_strings, the HTTP form, the CLI) ---
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`; did you mean 'x'?` naming the known name closest to `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(name: str, text: str) -> bool:
+    """true/1/yes/on or false/0/no/off (any case), else `ParamError` naming `name`."""
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ParamError(name, f"expected true or false, got {text!r}")
+    return word in _TRUE
+
+
+def parse_int(name: str, text: str) -> int:
+    """A whole number written as text ("3", "3.0"), else `ParamError` naming `name`."""
+    try:
+        number = float(text)
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    except ValueError:
+        raise ParamError(name, f"expected an integer, got {text!r}") from None
+
+
+def parse_float(name: str, text: str) -> float:
+    """A number written as text, else `ParamError` naming `name`."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ParamError(name, f"expected a number, got {text!r}") from None
+
+
+def check_range(name: str, value: float, low: float | None, high: float | None) -> Any:
+    """`value` if it lies within [low, high] (None: unbounded), else `ParamError` naming `name`."""
+    if low is not None and value < low:
+        raise ParamError(name, f"must be >= {_fmt(low)}, got {_fmt(value)}")
+    if high is not None and value > high:
+        raise ParamError(name, f"must be <= {_fmt(high)}, got {_fmt(value)}")
+    return value
 
 
 def _parse_text(name: str, hint: Any, text: str) -> Any:
@@ -174,21 +212,10 @@ def _parse_text(name: str, hint: Any, text: str) -> Any:
     if base is str:
         return text
     if base is bool:
-        word = text.strip().lower()
-        if word not in _TRUE + _FALSE:
-            raise ParamError(name, f"expected true or false, got {text!r}")
-        return word in _TRUE
+        return parse_bool(name, text)
     if hint == int | None and text.strip().lower() in ("none", "null", "random"):
         return None
-    try:
-        if base is int:
-            number = float(text)
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        return float(text)
-    except ValueError:
-        raise ParamError(name, f"expected {'an integer' if base is int else 'a number'}, got {text!r}") from None
+    return parse_int(name, text) if base is int else parse_float(name, text)
 
 
 def _base_type(hint: Any) -> type:
@@ -228,11 +255,7 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise ParamError(name, f"must be a finite number, got {value}")
-    if meta["min"] is not None and value < meta["min"]:
-        raise ParamError(name, f"must be >= {_fmt(meta['min'])}, got {_fmt(value)}")
-    if meta["max"] is not None and value > meta["max"]:
-        raise ParamError(name, f"must be <= {_fmt(meta['max'])}, got {_fmt(value)}")
-    return value
+    return check_range(name, value, meta["min"], meta["max"])
 
 
 def _fmt(number: float) -> str:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clarity.errors import ParamError
+from clarity.options import option
 
 if TYPE_CHECKING:
     from clarity.engine.pipeline import TiledUpscalePipeline
@@ -43,17 +44,19 @@ DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    """How the models run. The defaults are safe everywhere; each field is a CLI/server flag."""
+    """How the models run. The defaults are safe everywhere; each field is a flag of `upscale` and `serve`."""
 
-    #: UNet, ControlNet and text encoder dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32,
-    #: fp16 (CUDA only) or bf16. The VAE is always fp32. (--dtype)
-    dtype: str = "auto"
-    #: NHWC memory layout for the UNet and ControlNet. (--channels-last)
-    channels_last: bool = False
-    #: torch.compile the UNet and ControlNet; slow first calls, faster after. (--compile)
-    compile: bool = False
-    #: Keep the models on the CPU between their calls (small GPUs). (--cpu-offload)
-    cpu_offload: bool = False
+    dtype: str = option(
+        "auto", "UNet, ControlNet and text encoder dtype: auto = fp16 on CUDA, fp32 on the CPU; fp16 is refused on"
+        " the CPU. The VAE always runs in fp32.", choices=DTYPE_CHOICES,
+    )
+    channels_last: bool = option(
+        False, "NHWC memory layout for the UNet and ControlNet (faster convolutions on tensor cores)."
+    )
+    compile: bool = option(False, "torch.compile the UNet and ControlNet: slow first requests, faster after.")
+    cpu_offload: bool = option(
+        False, "Keep models on the CPU between their calls, for GPUs too small to hold them all."
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
