@@ -2,7 +2,7 @@
 
 import sys
 
-from clarity.serving.app import main
+from clarity.cli.serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

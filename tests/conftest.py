@@ -70,10 +70,11 @@ def running_server(weights, output_dir, **options) -> Iterator:
     from fastapi.testclient import TestClient
     from litserve.utils import wrap_litserve_start
 
-    from clarity.serving.app import build_server
+    from clarity.api.config import ServerConfig
+    from clarity.serving.litserve.server import build_server
 
-    server = build_server(weights, accelerator="cpu", output_dir=output_dir, public_url="http://testserver",
-                          **options)
+    server = build_server(ServerConfig(weights=weights, accelerator="cpu", output_dir=output_dir,
+                                       public_url="http://testserver", **options))
     with contextlib.ExitStack() as stack:
         with pytest.MonkeyPatch.context() as patch:
             # Read by the worker spawned here: two torch threads per worker on a busy two-core
@@ -86,6 +87,17 @@ def running_server(weights, output_dir, **options) -> Iterator:
             assert time.monotonic() < deadline, "the inference worker did not become ready"
             time.sleep(0.2)
         yield client
+
+
+def edit_handler(weights, output_dir, **options):
+    """The API core's handler for the models in `weights`, under a `ServerConfig` of `options` (nothing loaded)."""
+    from clarity.api.config import ServerConfig
+    from clarity.api.handler import EditHandler
+    from clarity.api.results import LocalResultStore
+    from clarity.models.catalogue import Catalogue
+
+    return EditHandler(ServerConfig(weights=weights, **options), Catalogue.discover(weights),
+                       LocalResultStore(output_dir))
 
 
 # --- a real server process ----------------------------------------------------------------------------

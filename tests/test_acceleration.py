@@ -158,11 +158,12 @@ def test_serve_checks_speed_flags_before_starting(tmp_path, tiny_weights, capsys
 
 
 def test_server_workers_get_the_speed_options(tiny_weights):
-    from clarity.serving.app import build_server
+    from clarity.api.config import ServerConfig
+    from clarity.serving.litserve.server import build_server
 
     speed = SpeedOptions(dtype="bf16", channels_last=True)
-    server = build_server(tiny_weights, accelerator="cpu", speed=speed)
-    assert server.lit_api.speed == speed
+    server = build_server(ServerConfig(weights=tiny_weights, accelerator="cpu", speed=speed))
+    assert server.lit_api.handler.config.speed == speed
 
 
 class _ProducesNaN:

@@ -8,7 +8,7 @@ import re
 import openai
 import pytest
 
-from clarity.serving.logs import RequestLog, configure_logging
+from clarity.api.logs import RequestLog, configure_logging
 from tests.conftest import running_server
 from tests.test_server import edit
 
@@ -60,7 +60,7 @@ def test_configure_logging_names_a_bad_level_and_adds_one_handler(clarity_logger
 
 def test_the_worker_logs_each_request_start_progress_and_end(tiny_weights, tmp_path, capfd):
     # The worker is a spawned process: its lines reach this process's stderr, not caplog.
-    with running_server(tiny_weights, tmp_path, progress_log_seconds=0, max_output_pixels=100 * 100) as http:
+    with running_server(tiny_weights, tmp_path, progress_log_seconds=0, max_output_mp=0.01) as http:
         client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
         response = edit(client, response_format="b64_json")
         with pytest.raises(openai.BadRequestError):
@@ -68,7 +68,7 @@ def test_the_worker_logs_each_request_start_progress_and_end(tiny_weights, tmp_p
         with pytest.raises(openai.BadRequestError):
             edit(client, extra_body={"scale_factor": 4})  # refused by the engine: over the pixel cap
     err = capfd.readouterr().err
-    started = re.search(r"INFO clarity\.serving\.api\[\d+\]: request (\S+) started: model clarity-upscaler,"
+    started = re.search(r"INFO clarity\.api\.handler\[\d+\]: request (\S+) started: model clarity-upscaler,"
                         r" 40x32 at scale 2, n=1", err)
     assert started, err[-2000:]
     assert started.group(1) == response._request_id  # the client sees the id its lines carry

@@ -28,7 +28,7 @@ import pytest
 from conftest import ServerProcess, make_test_image, running_server
 from PIL import Image
 
-from clarity.serving.files import FileStore
+from clarity.api.results import LocalResultStore
 
 KEY = "sk-robustness-secret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -105,8 +105,8 @@ def result_image(response: httpx.Response) -> Image.Image:
 @pytest.fixture(scope="module")
 def http(tiny_weights, tmp_path_factory):
     with running_server(
-        tiny_weights, tmp_path_factory.mktemp("outputs"), api_key=KEY, max_payload_bytes=2_000_000,
-        max_input_pixels=1_000_000, max_queue=MAX_QUEUE,
+        tiny_weights, tmp_path_factory.mktemp("outputs"), api_key=KEY, max_payload_mb=2.0,
+        max_input_mp=1.0, max_queue=MAX_QUEUE,
     ) as client:
         yield client
 
@@ -277,7 +277,7 @@ def test_a_url_result_is_whole_and_fetchable(http):
 
 
 def test_a_write_that_fails_midway_leaves_nothing_servable(tmp_path, monkeypatch):
-    store = FileStore(tmp_path, ttl_seconds=60)
+    store = LocalResultStore(tmp_path, ttl_seconds=60)
 
     def crash(*args):
         raise OSError("disk full")
@@ -289,7 +289,7 @@ def test_a_write_that_fails_midway_leaves_nothing_servable(tmp_path, monkeypatch
 
 
 def test_partial_files_of_a_killed_writer_are_never_served_and_expire(tmp_path):
-    store = FileStore(tmp_path, ttl_seconds=60)
+    store = LocalResultStore(tmp_path, ttl_seconds=60)
     partial = tmp_path / ".partial-abc123"
     partial.write_bytes(b"half")
     assert store.find(partial.name) is None
@@ -307,7 +307,7 @@ def test_partial_files_of_a_killed_writer_are_never_served_and_expire(tmp_path):
 
 def test_readers_never_see_a_half_written_result(tmp_path):
     """While results are written, every file a reader can find holds a complete image."""
-    store = FileStore(tmp_path, ttl_seconds=60)
+    store = LocalResultStore(tmp_path, ttl_seconds=60)
     payload = png(200, 200)  # large enough that a write is not a single syscall's worth of time
     stop = threading.Event()
     seen: list[bytes] = []
@@ -380,11 +380,12 @@ def test_the_watchdog_answers_overdue_and_orphaned_requests_only():
 
     from litserve.utils import LitAPIStatus, ResponseBufferItem
 
-    from clarity.serving.supervision import RequestWatchdog, TrackedBuffer
+    from clarity.serving.litserve.patches import TrackedBuffer
+    from clarity.serving.litserve.watchdog import RequestWatchdog
 
     buffer = TrackedBuffer()
-    statuses = {"edits_0": "ready", "edits_1": "starting"}  # worker 1 died and is restarting
-    watchdog = RequestWatchdog(buffer, queue_timeout=5, worker_status=lambda: statuses, endpoint="edits")
+    ready = {0: True, 1: False}  # worker 1 died and is restarting
+    watchdog = RequestWatchdog(buffer, queue_timeout=5, worker_ready=ready.__getitem__)
     items = {name: ResponseBufferItem(event=asyncio.Event()) for name in ("old", "new", "on-0", "on-1")}
     for uid, item in items.items():
         buffer[uid] = item
@@ -403,23 +404,19 @@ def test_the_watchdog_answers_overdue_and_orphaned_requests_only():
 
 
 def test_the_limits_are_set_from_the_command_line(tiny_weights, monkeypatch):
-    from clarity.serving import app
+    from clarity.cli import serve
+    from clarity.serving.litserve import server
 
     built: dict = {}
-
-    class NotRun:
-        def run(self, **options) -> None:
-            built["host"] = options["host"]
-
-    monkeypatch.setattr(app, "build_server", lambda weights, **options: built.update(options) or NotRun())
-    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave the test process's handlers alone
+    monkeypatch.setattr(server, "serve", lambda config: built.update(config=config) or 0)  # not run
     argv = ["--weights", str(tiny_weights), "--host", "127.0.0.1", "--max-queue", "3", "--queue-timeout", "7",
             "--max-input-mp", "2.5", "--shutdown-timeout", "9", "--max-compute-seconds", "30"]
-    assert app.main(argv) == 0
-    assert built["host"] == "127.0.0.1"
-    assert (built["max_queue"], built["timeout"], built["shutdown_timeout"]) == (3, 7, 9)
-    assert built["max_compute_seconds"] == 30
-    assert built["max_input_pixels"] == 2_500_000
+    assert serve.main(argv) == 0
+    config = built["config"]
+    assert config.host == "127.0.0.1"
+    assert (config.max_queue, config.queue_timeout, config.shutdown_timeout) == (3, 7, 9)
+    assert config.max_compute_seconds == 30
+    assert config.max_input_pixels == 2_500_000
 
 
 # --- a real server process ----------------------------------------------------------------------------
@@ -544,12 +541,18 @@ def test_a_queued_request_whose_client_left_is_skipped(tiny_weights, tmp_path):
     """The worker checks the registry before it starts a request (unit level: no timing involved)."""
     from fastapi import HTTPException
 
+    from clarity.api.config import ServerConfig
+    from clarity.api.handler import EditHandler
+    from clarity.api.results import LocalResultStore
     from clarity.models.catalogue import Catalogue
-    from clarity.serving.api import UpscaleAPI
-    from clarity.serving.cancellation import REQUEST_ID_FIELD, CancelRegistry
+    from clarity.serving.litserve.api import EditsLitAPI
+    from clarity.serving.litserve.patches import REQUEST_ID_FIELD
+    from clarity.serving.litserve.queue import CancelRegistry
 
     registry = CancelRegistry(tmp_path / "cancelled")
-    api = UpscaleAPI(Catalogue.discover(tiny_weights), tmp_path / "out", "http://x", 60, cancellations=registry)
+    handler = EditHandler(ServerConfig(weights=tiny_weights), Catalogue.discover(tiny_weights),
+                          LocalResultStore(tmp_path / "out"))
+    api = EditsLitAPI(handler, registry)
 
     class Upload:
         filename = "a.png"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from fastapi import HTTPException
 
 from clarity import Upscaler
 from clarity.engine.safety import SafetyChecker, save_tiny_safety_checker
 from clarity.errors import ContentPolicyError, ParamError
 from clarity.params import UpscaleParams
-from tests.conftest import FAST, make_test_image
+from tests.conftest import FAST, edit_handler, make_test_image
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +56,20 @@ def test_checker_verdicts(checkers):
     assert SafetyChecker.load(checkers["always"]).flagged(images) == [True, True]
 
 
-def test_server_answers_a_flag_with_openais_content_policy_error(tiny_weights):
-    from clarity.models.catalogue import Catalogue
-    from clarity.serving.api import UpscaleAPI
-    from clarity.serving.openai import EditRequest
+def test_server_answers_a_flag_with_openais_content_policy_error(tiny_weights, tmp_path):
+    from clarity.api.errors import APIError
+    from clarity.api.wire import EditRequest
 
     class FlaggingUpscaler:
         def upscale(self, *args, **kwargs):
             raise ContentPolicyError("the safety checker flagged output(s) [0]")
 
-    api = UpscaleAPI(Catalogue.discover(tiny_weights), "out", "http://testserver", 60)
-    api.upscalers = {"clarity-upscaler": FlaggingUpscaler()}
+    handler = edit_handler(tiny_weights, tmp_path)
+    handler.upscalers = {"clarity-upscaler": FlaggingUpscaler()}
     request = EditRequest(make_test_image(16, 16), UpscaleParams(enable_safety_checker=True))
-    with pytest.raises(HTTPException) as caught:
-        api.predict(request)
-    assert caught.value.status_code == 400
-    error = caught.value.detail["error"]
+    with pytest.raises(APIError) as caught:
+        handler.run(request)
+    assert caught.value.status == 400
+    error = caught.value.body["error"]
     assert error["code"] == "content_policy_violation" and error["type"] == "invalid_request_error"
     assert "flagged" in error["message"]

@@ -14,14 +14,14 @@ import time
 import numpy as np
 import openai
 import pytest
-from conftest import make_test_image, running_server
+from conftest import edit_handler, make_test_image, running_server
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from clarity.api.config import ServerConfig
+from clarity.api.results import LocalResultStore
 from clarity.errors import ParamError
-from clarity.models.catalogue import Catalogue
-from clarity.serving.app import build_server
-from clarity.serving.files import FileStore
+from clarity.serving.litserve.server import build_server
 
 KEY = "sk-test-clarity"
 #: Request body limit of the test server (bytes): far above the test images, cheap to exceed.
@@ -44,7 +44,7 @@ def decode(b64: str) -> Image.Image:
 def http(tiny_weights, tmp_path_factory):
     """A TestClient on a running server with auth on (the SDK uses it as its http_client)."""
     with running_server(tiny_weights, tmp_path_factory.mktemp("outputs"), api_key=KEY,
-                        max_payload_bytes=LIMIT) as client:
+                        max_payload_mb=LIMIT / 1e6) as client:
         yield client
 
 
@@ -247,7 +247,8 @@ def test_unknown_route_is_a_404_in_openai_shape(http):
 @pytest.fixture(scope="module")
 def open_http(tiny_weights, tmp_path):
     """No key, a 1 kB body limit, and no inference workers started (so never ready)."""
-    server = build_server(tiny_weights, accelerator="cpu", output_dir=tmp_path, max_payload_bytes=1000)
+    config = ServerConfig(weights=tiny_weights, accelerator="cpu", output_dir=tmp_path, max_payload_mb=0.001)
+    server = build_server(config)
     return TestClient(server.app)
 
 
@@ -300,7 +301,7 @@ def test_body_over_the_limit_is_a_413_even_without_a_content_length(http):
 def test_file_store_expires_results_and_ignores_foreign_names(tmp_path_factory):
     folder = tmp_path_factory.mktemp("store")
     (folder / "notes.txt").write_text("not ours")
-    store = FileStore(folder, ttl_seconds=60)
+    store = LocalResultStore(folder, ttl_seconds=60)
     name = store.save(b"data", "png")
     assert store.find(name).read_bytes() == b"data"
     assert store.find("../notes.txt") is None and store.find("notes.txt") is None
@@ -321,42 +322,39 @@ def test_serve_exits_at_once_without_weights(tmp_path_factory, capsys):
 
 
 def test_engine_failure_is_a_500_without_internals(tiny_weights, tmp_path_factory):
-    from fastapi import HTTPException
-
+    from clarity.api.errors import APIError
+    from clarity.api.wire import EditRequest
     from clarity.params import UpscaleParams
-    from clarity.serving.api import UpscaleAPI
-    from clarity.serving.openai import EditRequest
 
     class Broken:
         def upscale(self, *args, **kwargs):
             raise RuntimeError("CUDA out of memory at /secret/path")
 
-    api = UpscaleAPI(Catalogue.discover(tiny_weights), tmp_path_factory.mktemp("out"), "http://x", 60)
-    api.upscalers = {"clarity-upscaler": Broken()}
-    with pytest.raises(HTTPException) as caught:
-        api.predict(EditRequest(image=make_test_image(8, 8), params=UpscaleParams()))
-    assert caught.value.status_code == 500
-    error = caught.value.detail["error"]
+    handler = edit_handler(tiny_weights, tmp_path_factory.mktemp("out"))
+    handler.upscalers = {"clarity-upscaler": Broken()}
+    with pytest.raises(APIError) as caught:
+        handler.run(EditRequest(image=make_test_image(8, 8), params=UpscaleParams()))
+    assert caught.value.status == 500
+    error = caught.value.body["error"]
     assert error["type"] == "server_error" and "secret" not in error["message"]
 
 
 def test_an_upscale_over_the_compute_budget_is_stopped_with_a_504(tiny_weights, tmp_path_factory):
-    from fastapi import HTTPException
+    import dataclasses
 
     from clarity import UpscaleParams
-    from clarity.serving.api import UpscaleAPI
-    from clarity.serving.openai import EditRequest
+    from clarity.api.errors import APIError
+    from clarity.api.wire import EditRequest
 
-    api = UpscaleAPI(Catalogue.discover(tiny_weights), tmp_path_factory.mktemp("out"), "http://testserver", 60,
-                     max_compute_seconds=1e-9)
-    api.setup("cpu")
+    handler = edit_handler(tiny_weights, tmp_path_factory.mktemp("out"), max_compute_seconds=1e-9)
+    handler.load("cpu")
     request = EditRequest(image=Image.open(io.BytesIO(png_bytes())), params=UpscaleParams(**FAST))
-    with pytest.raises(HTTPException) as caught:
-        api.predict(request)
-    assert caught.value.status_code == 504
-    assert caught.value.detail["error"]["code"] == "compute_timeout"
-    api.max_compute_seconds = None
-    _, result = api.predict(request)  # without a budget the same request completes
+    with pytest.raises(APIError) as caught:
+        handler.run(request)
+    assert caught.value.status == 504
+    assert caught.value.body["error"]["code"] == "compute_timeout"
+    handler.config = dataclasses.replace(handler.config, max_compute_seconds=None)
+    result = handler.run(request)  # without a budget the same request completes
     assert result.image.size == (80, 64)
 
 
@@ -420,33 +418,27 @@ def test_unknown_or_conflicting_model_names_the_field(multi):
 
 
 def test_models_and_default_model_choose_what_is_served(weights_root, tmp_path_factory):
-    server = build_server(weights_root, models=["other"], accelerator="cpu",
-                          output_dir=tmp_path_factory.mktemp("only-other"))
+    server = build_server(ServerConfig(weights=weights_root, models=("other",), accelerator="cpu",
+                                       output_dir=tmp_path_factory.mktemp("only-other")))
     http_client = TestClient(server.app)
     assert [entry["id"] for entry in http_client.get("/v1/models").json()["data"]] == ["other"]
     assert http_client.get("/v1/models/clarity-upscaler").status_code == 404
     assert http_client.get("/info").json()["model"]["default_model"] == "other"
     with pytest.raises(ParamError, match="default_model"):
-        build_server(weights_root, models=["other"], default_model="clarity-upscaler", accelerator="cpu")
+        build_server(ServerConfig(weights=weights_root, models=("other",), default_model="clarity-upscaler"))
 
 
 def test_serve_flags_choose_the_models(weights_root, monkeypatch, capsys):
-    import signal
 
-    from clarity.serving import app
+    from clarity.cli import serve
+    from clarity.serving.litserve import server
 
     built: dict = {}
-
-    class NotRun:
-        def run(self, **options) -> None:
-            pass
-
-    monkeypatch.setattr(app, "build_server", lambda weights, **options: built.update(options) or NotRun())
-    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave the test process's handlers alone
-    assert app.main(["--weights", str(weights_root), "--models", "other, clarity-upscaler",
-                     "--default-model", "other"]) == 0
-    assert (built["models"], built["default_model"]) == (["other", "clarity-upscaler"], "other")
-    assert app.main(["--weights", str(weights_root), "--models", "juggernaut"]) == 1
+    monkeypatch.setattr(server, "serve", lambda config: built.update(config=config) or 0)  # not run
+    assert serve.main(["--weights", str(weights_root), "--models", "other, clarity-upscaler",
+                       "--default-model", "other"]) == 0
+    assert (built["config"].models, built["config"].default_model) == (("other", "clarity-upscaler"), "other")
+    assert serve.main(["--weights", str(weights_root), "--models", "juggernaut"]) == 1
     assert "no model 'juggernaut'" in capsys.readouterr().err
 
 
@@ -455,15 +447,18 @@ def test_serve_flags_choose_the_models(weights_root, monkeypatch, capsys):
 def test_the_sdk_retries_only_what_may_succeed_on_a_retry(status, code, retried):
     import asyncio
 
-    from fastapi import HTTPException
+    from fastapi import FastAPI, HTTPException
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import Request
 
-    from clarity.serving.app import _http_exception_handler
-    from clarity.serving.openai import error_body
+    from clarity.api.errors import error_body
+    from clarity.api.http import install_error_handlers
 
+    app = FastAPI()
+    install_error_handlers(app)
     request = Request({"type": "http", "method": "POST", "path": "/v1/images/edits", "headers": []})
     error = HTTPException(status, detail=error_body(status, "x", code=code))
-    response = asyncio.run(_http_exception_handler(request, error))
+    response = asyncio.run(app.exception_handlers[StarletteHTTPException](request, error))
     # The openai SDKs retry 5xx unless told `x-should-retry: false`, after `Retry-After` if given.
     assert (response.headers.get("x-should-retry") != "false") is retried
     assert ("retry-after" in response.headers) is retried

@@ -1,9 +1,13 @@
-"""The url-mode output store: results written to a folder and served from unguessable, expiring URLs.
+"""Where url-mode results are kept: a small store interface, and a local folder behind it.
 
-Inference workers (separate processes) write; the HTTP process serves. They share nothing
-but the folder, so everything a reader needs is in the file system: the name is the token
-(which is why it must be unguessable and why it is the only thing checked), and the file's
-modification time is its age.
+A result is saved under an unguessable name and served from `{base_url}/v1/files/<name>` until
+it expires. The name is the token (which is why it must be unguessable and why it is the only
+thing checked), so a browser or an `<img>` can fetch it without a key, as with OpenAI's own
+image URLs.
+
+`LocalResultStore`: inference workers (separate processes) write, the HTTP process serves;
+they share nothing but the folder, so everything a reader needs is in the file system, and a
+file's modification time is its age.
 """
 
 from __future__ import annotations
@@ -14,26 +18,42 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
+
+from clarity.imageio import OUTPUT_FORMATS
 
 #: How long a result stays downloadable, like OpenAI's one-hour image URLs.
 DEFAULT_TTL_SECONDS = 3600
 #: URL path prefix the files are served under.
 FILES_ROUTE = "/v1/files"
 
-MEDIA_TYPES: dict[str, str] = {
-    "png": "image/png",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
-    "avif": "image/avif",
-    "gif": "image/gif",
-}
 # 32 random bytes in URL-safe base64 (43 characters), then a known extension: nothing else is
 # ever looked up, so a request cannot walk out of the folder.
-_NAME = re.compile(r"^[A-Za-z0-9_-]{43}\.(" + "|".join(MEDIA_TYPES) + r")$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{43}\.(" + "|".join(OUTPUT_FORMATS) + r")$")
 
 
-class FileStore:
-    """Write results atomically under unguessable names; find them again until they expire."""
+class ResultStore(Protocol):
+    """Keeps encoded results for url mode until they expire."""
+
+    def save(self, data: bytes, extension: str) -> str:
+        """Store `data` (an image in the output format `extension`); return its unguessable name."""
+
+    def find(self, name: str) -> Path | None:
+        """The stored result called `name`, or None if it does not exist or has expired."""
+
+
+def result_url(base_url: str, name: str) -> str:
+    """Where a client downloads the stored result `name`."""
+    return f"{base_url}{FILES_ROUTE}/{name}"
+
+
+def media_type(name: str) -> str:
+    """The Content-Type of a stored result, from its extension."""
+    return OUTPUT_FORMATS[name.rsplit(".", 1)[-1]].media_type
+
+
+class LocalResultStore:
+    """Write results atomically under unguessable names in a folder; find them again until they expire."""
 
     def __init__(self, folder: str | Path, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self.folder = Path(folder)
@@ -41,7 +61,7 @@ class FileStore:
 
     def save(self, data: bytes, extension: str) -> str:
         """Store `data` and return its file name (the token plus `.extension`)."""
-        if extension not in MEDIA_TYPES:
+        if extension not in OUTPUT_FORMATS:
             raise ValueError(f"unsupported extension {extension!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.purge_expired()
@@ -89,7 +109,3 @@ class FileStore:
             except FileNotFoundError:
                 continue  # another worker removed it first
         return removed
-
-    @staticmethod
-    def media_type(name: str) -> str:
-        return MEDIA_TYPES[name.rsplit(".", 1)[-1]]

@@ -1,4 +1,4 @@
-"""The OpenAI images API as Clarity speaks it: field names, request parsing, response and error shapes.
+"""The OpenAI images API as Clarity speaks it: field names, request parsing and response shapes.
 
 `POST /v1/images/edits` takes the multipart form the official SDKs send for
 `client.images.edit(...)`, plus every `UpscaleParams` field as an extra form field (what
@@ -30,7 +30,6 @@ Nothing here knows about tiles or latents: engine fields come from `clarity.para
 
 from __future__ import annotations
 
-import difflib
 import math
 import time
 from collections.abc import Collection, Iterable
@@ -39,9 +38,10 @@ from typing import Any, get_args, get_type_hints
 
 from PIL import Image
 
+from clarity.api.errors import invalid, model_not_found
 from clarity.errors import ParamError
 from clarity.imageio import ASPECT_TOLERANCE, OUTPUT_FORMATS, load_image, same_aspect_ratio
-from clarity.params import UpscaleParams, param_fields
+from clarity.params import UpscaleParams, check_range, did_you_mean, param_fields, parse_bool, parse_int
 
 #: Where the SDKs post `images.edit` (relative to the host; base_url ends in /v1).
 EDITS_PATH = "/v1/images/edits"
@@ -50,8 +50,6 @@ MODEL_CREATED = 1_735_689_600  # 2025-01-01T00:00:00Z
 
 MAX_VARIANTS = 4
 RESPONSE_FORMATS = ("url", "b64_json")
-#: Output formats by the names OpenAI uses (plus avif and gif, which Clarity adds).
-OUTPUT_FORMAT_NAMES: tuple[str, ...] = tuple(name for name in OUTPUT_FORMATS if name != "jpg")
 #: Longest `prompt` / `negative_prompt` accepted, in characters. The text encoder reads 77
 #: tokens, so this only bounds the work and memory a hostile request can cause.
 MAX_PROMPT_CHARS = 4000
@@ -65,7 +63,7 @@ OPENAI_FIELDS: dict[str, str] = {
     "n": f"number of variants, 1-{MAX_VARIANTS}",
     "size": "WxH output size (sets the scale factor) or auto",
     "response_format": "url or b64_json",
-    "output_format": "png, jpeg, webp, avif or gif",
+    "output_format": " or ".join(OUTPUT_FORMATS),
     "output_compression": "0-100, quality of lossy formats",
     "background": "ignored: transparency of the input is preserved",
     "input_fidelity": "ignored: use resemblance",
@@ -103,7 +101,7 @@ def edit_form_schema() -> dict[str, Any]:
     properties["prompt"]["maxLength"] = MAX_PROMPT_CHARS
     properties["n"] = {"type": "integer", "minimum": 1, "maximum": MAX_VARIANTS, "description": OPENAI_FIELDS["n"]}
     properties["response_format"]["enum"] = list(RESPONSE_FORMATS)
-    properties["output_format"]["enum"] = list(OUTPUT_FORMAT_NAMES)
+    properties["output_format"]["enum"] = list(OUTPUT_FORMATS)
     properties["output_compression"] = {"type": "integer", "minimum": 0, "maximum": 100,
                                         "description": OPENAI_FIELDS["output_compression"]}
     hints = get_type_hints(UpscaleParams)
@@ -126,64 +124,6 @@ def edit_form_schema() -> dict[str, Any]:
     return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
 
 
-# --- errors --------------------------------------------------------------------------------------
-
-#: OpenAI's error `type` for each status Clarity returns.
-ERROR_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "server_error",
-    504: "server_error",
-}
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
-) -> dict[str, Any]:
-    """OpenAI's error shape, which the SDKs parse into typed exceptions."""
-    error_type = type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-class APIError(Exception):
-    """An error to send to the client as `status` with an OpenAI-shaped body.
-
-    The serving layer turns it into an `HTTPException` whose detail is `body`, which is what
-    survives the trip from an inference worker to the client.
-    """
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = error_body(status, message, param=param, code=code)
-
-
-def invalid(param: str, message: str, code: str | None = None) -> APIError:
-    """A 400 naming the offending field."""
-    return APIError(400, message, param=param, code=code)
-
-
-def content_policy_violation(message: str) -> APIError:
-    """OpenAI's answer when its safety system rejects a request: 400 `content_policy_violation`."""
-    return APIError(400, message, code="content_policy_violation")
-
-
-def model_not_found(name: str, available: Iterable[str], param: str = "model") -> APIError:
-    served = ", ".join(f"`{model_id}`" for model_id in available)
-    return APIError(
-        404,
-        f"The model `{name}` does not exist or you do not have access to it. This server serves {served}.",
-        param=param,
-        code="model_not_found",
-    )
-
-
 # --- requests ------------------------------------------------------------------------------------
 
 
@@ -200,7 +140,7 @@ class EditRequest:
     mask: Image.Image | None = None
     #: The model id asked for; None means the server's default model.
     model: str | None = None
-    #: The server's own id for the HTTP request (see serving/cancellation.py); None outside a server.
+    #: The server's own id for the HTTP request (returned as `x-request-id`); None outside a server.
     request_id: str | None = None
 
 
@@ -221,25 +161,8 @@ def _choice(name: str, value: str, choices: Iterable[str]) -> str:
     return value
 
 
-def _integer(name: str, value: str, low: int, high: int) -> int:
-    try:
-        number = float(value)
-        if not number.is_integer():
-            raise ValueError
-    except ValueError:
-        raise invalid(name, f"{name} must be an integer from {low} to {high}; got {value!r}") from None
-    if not low <= number <= high:
-        raise invalid(name, f"{name} must be an integer from {low} to {high}; got {value!r}")
-    return int(number)
-
-
-def _truthy(name: str, value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", ""):
-        return False
-    raise invalid(name, f"{name} must be true or false; got {value!r}")
+def _integer(name: str, text: str, low: int, high: int) -> int:
+    return check_range(name, parse_int(name, text), low, high)
 
 
 def scale_for_size(size: str, image_size: tuple[int, int]) -> float | None:
@@ -266,12 +189,42 @@ def scale_for_size(size: str, image_size: tuple[int, int]) -> float | None:
 def parse_edit_form(
     items: Iterable[tuple[str, Any]], models: Collection[str], max_input_pixels: int | None = None
 ) -> EditRequest:
-    """Validate an edits form (as (name, value) pairs) into an `EditRequest`, or raise `APIError`.
+    """Validate an edits form (as (name, value) pairs) into an `EditRequest`.
 
     `models` are the ids the server serves; `model` (or its alias `sd_model`) must be one of them.
+    Raises `APIError` or `ParamError` naming the field. Values are strings, except files. Checks
+    run in order of cost, so a bad field is reported before the image is decoded.
+    """
+    fields, image_file = _collect_fields(items)
+    mask_file = fields.pop("mask", None)
+    for name in ("prompt", "negative_prompt"):
+        if len(fields.get(name, "")) > MAX_PROMPT_CHARS:
+            raise invalid(name, f"{name} is {len(fields[name]):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
+    model = _model_field(fields, models)
+    if parse_bool("stream", fields.get("stream") or "false"):
+        raise invalid("stream", "streaming is not supported; send stream=false or leave it out")
 
-    Values are strings, except files. Checks run in order of cost, so a bad field is reported
-    before the image is decoded.
+    n = _integer("n", fields.get("n", "1"), 1, MAX_VARIANTS)
+    response_format = _choice("response_format", fields.get("response_format") or "url", RESPONSE_FORMATS)
+    output_format = _choice("output_format", (fields.get("output_format") or "png").lower(), OUTPUT_FORMATS)
+    compression = fields.get("output_compression")
+    output_compression = _integer("output_compression", compression, 0, 100) if compression else None
+    engine_names = {f.name for f in param_fields()}
+    params = UpscaleParams.from_strings({name: value for name, value in fields.items() if name in engine_names})
+
+    # Decoding last: it is the expensive check.
+    load_options = {"max_pixels": max_input_pixels} if max_input_pixels else {}
+    image = load_image(_read_file(image_file), param="image", **load_options)
+    mask = load_image(_read_file(mask_file), param="mask", **load_options) if mask_file is not None else None
+    if fields.get("size"):
+        params = _apply_size(fields["size"], image.size, params, scale_factor_sent="scale_factor" in fields)
+    return EditRequest(image, params, n, response_format, output_format, output_compression, mask, model)
+
+
+def _collect_fields(items: Iterable[tuple[str, Any]]) -> tuple[dict[str, Any], Any]:
+    """The form's text fields by name (plus the `mask` file) and its one image file.
+
+    Unknown names, repeated fields, several images and files where text belongs are refused.
     """
     files: list[Any] = []
     fields: dict[str, Any] = {}
@@ -281,19 +234,14 @@ def parse_edit_form(
             files.append(value)
             continue
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise invalid(name, f"unknown parameter '{name}'{hint}", code="unknown_parameter")
+            raise invalid(name, f"unknown parameter '{name}'{did_you_mean(name, known)}", code="unknown_parameter")
         if name in fields:
             raise invalid(name, f"{name} was given more than once")
         fields[name] = value
-
-    # Fields that are files and fields that must not be.
-    mask_file = fields.pop("mask", None)
-    if mask_file is not None and not _is_file(mask_file):
+    if "mask" in fields and not _is_file(fields["mask"]):
         raise invalid("mask", "mask must be an image file upload, not a text field")
     for name, value in fields.items():
-        if _is_file(value):
+        if name != "mask" and _is_file(value):
             raise invalid(name, f"{name} must be a text field, not a file")
     if not files:
         raise invalid("image", "image is required: send one image file in the `image` field")
@@ -301,44 +249,29 @@ def parse_edit_form(
         raise invalid("image", f"send one image per request; got {len(files)}")
     if not _is_file(files[0]):
         raise invalid("image", "image must be a file upload, not a text field")
+    return fields, files[0]
 
-    for name in ("prompt", "negative_prompt"):
-        if len(fields.get(name, "")) > MAX_PROMPT_CHARS:
-            raise invalid(name, f"{name} is {len(fields[name]):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
 
-    model = _model_field(fields, models)
-    if _truthy("stream", fields.get("stream", "false")):
-        raise invalid("stream", "streaming is not supported; send stream=false or leave it out")
-
-    n = _integer("n", fields.get("n", "1"), 1, MAX_VARIANTS)
-    response_format = _choice("response_format", fields.get("response_format") or "url", RESPONSE_FORMATS)
-    output_format = _choice("output_format", (fields.get("output_format") or "png").lower(), OUTPUT_FORMAT_NAMES)
-    compression = fields.get("output_compression")
-    output_compression = _integer("output_compression", compression, 0, 100) if compression else None
-
-    engine_names = {f.name for f in param_fields()}
-    params = UpscaleParams.from_strings({name: value for name, value in fields.items() if name in engine_names})
-
-    # Decoding last: it is the expensive check.
-    load_options = {"max_pixels": max_input_pixels} if max_input_pixels else {}
-    image = load_image(_read_file(files[0]), param="image", **load_options)
-    mask = load_image(_read_file(mask_file), param="mask", **load_options) if mask_file is not None else None
-    scale = scale_for_size(fields["size"], image.size) if fields.get("size") else None
-    if scale is not None and "scale_factor" in fields:
+def _apply_size(
+    size: str, image_size: tuple[int, int], params: UpscaleParams, scale_factor_sent: bool
+) -> UpscaleParams:
+    """`params` with the scale factor `size` asks for; with `scale_factor` also sent, the two must agree."""
+    scale = scale_for_size(size, image_size)
+    if scale is None:
+        return params
+    if scale_factor_sent:
         # Both are allowed when they agree (an SDK may always send a size); never pick one silently.
         if not math.isclose(scale, params.scale_factor, rel_tol=ASPECT_TOLERANCE):
             raise invalid(
                 "size",
-                f"size {fields['size']} means a scale factor of {scale:.3g}, but scale_factor is"
+                f"size {size} means a scale factor of {scale:.3g}, but scale_factor is"
                 f" {params.scale_factor:g}; send one of them, or two that agree",
             )
-    elif scale is not None:
-        try:
-            params = params.replace(scale_factor=scale)
-        except ParamError as error:
-            message = f"size {fields['size']} means a scale factor of {scale:.3g}, which {error.message}"
-            raise invalid("size", message) from None
-    return EditRequest(image, params, n, response_format, output_format, output_compression, mask, model)
+        return params
+    try:
+        return params.replace(scale_factor=scale)
+    except ParamError as error:
+        raise invalid("size", f"size {size} means a scale factor of {scale:.3g}, which {error.message}") from None
 
 
 def _model_field(fields: dict[str, Any], models: Collection[str]) -> str | None:

@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from clarity.batch import Job
+from clarity.cli.batch import Job
 
 #: Retries of one request that the server answered "busy" or "not ready" (429, 503, 408).
 MAX_RETRIES = 8

@@ -1,5 +1,5 @@
-"""The HTTP front end: an OpenAI-compatible `POST /v1/images/edits` served with LitServe.
+"""Runtimes that host the API core (`clarity.api`), and nothing else.
 
-`app.build_server` builds the server, `api.UpscaleAPI` is the LitAPI, `openai` holds the
-wire format and `files` the url-mode result store.
+`litserve/`: one machine, LitServe workers (`clarity serve`). A runtime adds transport,
+workers and scaling; fields, shapes, errors and results are the API core's.
 """

@@ -1,56 +1,49 @@
-"""Keeping every request answered while inference workers are slow, crash or are stopped.
+"""Every use of LitServe 0.2.19 beyond its public API, in one place.
 
-LitServe 0.2.19 parks each request of the HTTP process in `LitServer.response_buffer` (uid ->
-`ResponseBufferItem`) until a worker answers. Two gaps are closed here, in the HTTP process:
-
-- Its `timeout` is checked only when a worker takes the request off the queue, so behind a
-  long upscale a queued request waits for that upscale to end before it learns it timed out.
-- With `restart_workers=True` its monitor revives a dead worker and fails the requests that
-  worker was running, but the monitor runs in the main process and the buffer it clears is
-  that process's (empty) copy: the HTTP processes are forks with their own. Their clients
-  would wait forever.
-
-`RequestWatchdog` runs in each HTTP process, on the event loop that owns the buffer, and
-answers both kinds of request with an OpenAI-shaped error through LitServe's own error path.
-`SupervisedLitServer` keeps LitServe's monitor from reviving workers during a shutdown.
-
-Not handled: a client that disconnects. Uvicorn does not cancel a handler when its client
-goes away, and even if the disconnect were noticed, LitServe 0.2.19 offers no way to take a
-request back off its manager queue, nor tells `decode_request` the request's uid, so a worker
-cannot know that a request it picks up was abandoned. Abandoned requests run to the end (or
-to the queue deadline, if they are still waiting then) and their answer is dropped.
+LitServe serves the edits endpoint well, but a shared production server needs four things it
+does not offer: a request's queue age and worker, to answer requests that will never be
+answered; a shutdown that stops listening at once and revives no worker; a way to tell a
+worker which HTTP request a form came from; and the workers' readiness, to answer 503 while
+they load. Each touch below says why, and names the test that fails if an upgrade breaks it.
+Pinned `litserve>=0.2.19,<0.3` in pyproject.toml; check every touch before moving the pin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import litserve as ls
 from fastapi import HTTPException
 from litserve.utils import LitAPIStatus, WorkerSetupStatus
+from python_multipart.multipart import parse_options_header
+from starlette.types import Message, Receive, Scope, Send
 
-from clarity.serving import openai
+from clarity.api.errors import APIError
 
-logger = logging.getLogger(__name__)
-
-#: Seconds between two checks of the waiting requests.
-CHECK_INTERVAL = 0.25
+#: Seconds between LitServe's checks for dead inference workers (its default is 2).
+WORKER_MONITOR_INTERVAL = 0.5
 #: Seconds after a shutdown starts before the listening socket is shut down.
 STOP_LISTENING_DELAY = 0.5
 
 
-class TrackedBuffer(dict):
-    """LitServe's response buffer, also noting when each request entered it (it was queued then).
+# --- the response buffer: queue ages, workers, answers ------------------------------------------
 
-    LitServe adds an entry right after putting the request on the queue and pops it when the
-    answer has been read, so the entry's age is the time the request has been waiting.
+
+class TrackedBuffer(dict):
+    """LitServe's response buffer (`LitServer.response_buffer`, uid -> `ResponseBufferItem`), also
+    noting when each request entered it: LitServe adds an entry right after putting the request
+    on the queue and pops it once the answer has been read, so the entry's age is its wait.
+
+    Guarded by tests/test_robustness.py::test_the_watchdog_answers_overdue_and_orphaned_requests_only
+    (the item fields) and ::test_a_request_queued_past_the_deadline_gets_a_504_without_waiting_for_the_worker
+    (the buffer).
     """
 
     def __init__(self) -> None:
@@ -65,87 +58,96 @@ class TrackedBuffer(dict):
         self.added_at.pop(uid, None)
         return super().pop(uid, *default)
 
+    def unanswered(self) -> Iterator[tuple[str, float, int | None]]:
+        """(uid, when it was queued, the worker running it or None if still queued) of each waiting request."""
+        for uid, item in list(self.items()):
+            if not item.event.is_set():
+                yield uid, self.added_at.get(uid, time.monotonic()), item.worker_id
 
-class RequestWatchdog:
-    """Fails waiting requests that will not be answered in time, or at all.
-
-    `queue_timeout`: seconds a request may wait for a worker to start it (504 `queue_timeout`).
-    `worker_status`: returns LitServe's worker setup statuses (`{"edits_0": "ready", ...}`); a
-    worker that is no longer ready while running a request has died and is being restarted,
-    so its request is answered 503 `worker_restarted` (which the SDKs retry).
-    """
-
-    def __init__(
-        self,
-        buffer: TrackedBuffer,
-        queue_timeout: float,
-        worker_status: Callable[[], Mapping[str, str]],
-        endpoint: str,
-    ) -> None:
-        self.buffer = buffer
-        self.queue_timeout = queue_timeout
-        self.worker_status = worker_status
-        self.endpoint = endpoint
-
-    async def run(self) -> None:
-        """Check every `CHECK_INTERVAL` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(CHECK_INTERVAL)
-            try:
-                self.check()
-            except Exception:  # e.g. the manager process is gone during shutdown
-                logger.debug("request watchdog check failed", exc_info=True)
-
-    def check(self, now: float | None = None) -> int:
-        """Answer every request that is overdue or lost with its worker; return how many."""
-        now = time.monotonic() if now is None else now
-        statuses: Mapping[str, str] | None = None
-        failed = 0
-        for uid, item in list(self.buffer.items()):
-            if item.event.is_set():
-                continue
-            if item.worker_id is None:  # still queued: no worker has said it started it
-                waited = now - self.buffer.added_at.get(uid, now)
-                if waited > self.queue_timeout:
-                    self._fail(item, openai.APIError(
-                        504, f"The request waited {waited:.0f} s for a free worker, more than this server's"
-                             f" limit of {self.queue_timeout:g} s; retry later.", code="queue_timeout"))
-                    failed += 1
-                continue
-            if statuses is None:
-                statuses = dict(self.worker_status())
-            if statuses.get(f"{self.endpoint}_{item.worker_id}") != WorkerSetupStatus.READY:
-                logger.warning("inference worker %s died while running request %s", item.worker_id, uid)
-                self._fail(item, openai.APIError(
-                    503, "The worker running this request stopped unexpectedly and is being restarted;"
-                         " retry shortly.", code="worker_restarted"))
-                failed += 1
-        return failed
-
-    @staticmethod
-    def _fail(item: Any, error: openai.APIError) -> None:
-        # LitServe's handler re-raises an HTTPException found as an error response, as it is.
+    def answer(self, uid: str, error: APIError) -> None:
+        """Answer a waiting request with `error` through LitServe's own error path (its handler
+        re-raises an `HTTPException` found as an error response, as it is)."""
+        item = self[uid]
         item.response = (HTTPException(error.status, detail=error.body), LitAPIStatus.ERROR)
         item.event.set()
 
 
-class SupervisedLitServer(ls.LitServer):
-    """`LitServer` that stops listening at once on shutdown and stops restarting workers then.
+def install_tracked_buffer(server: ls.LitServer) -> TrackedBuffer:
+    """Replace the server's response buffer before the HTTP processes fork: each gets its own copy."""
+    server.response_buffer = TrackedBuffer()
+    return server.response_buffer
 
-    On shutdown LitServe first lets the HTTP processes drain (uvicorn finishes accepted
-    requests, for up to `uvicorn_graceful_timeout` seconds, while the workers keep serving),
-    then terminates the workers. Two things go wrong on the way, fixed here:
+
+def worker_is_ready(server: ls.LitServer, endpoint: str, worker_id: int) -> bool:
+    """Whether LitServe counts inference worker `worker_id` of `endpoint` as set up and alive.
+
+    `workers_setup_status` is a manager dict made by `run()`; a worker that died reads "starting"
+    while the monitor restarts it. Guarded by
+    test_robustness.py::test_a_killed_worker_fails_its_request_fast_and_comes_back.
+    """
+    return worker_statuses(server).get(f"{endpoint}_{worker_id}") == WorkerSetupStatus.READY
+
+
+def any_worker_ready(server: ls.LitServer) -> bool:
+    """Whether one worker is ready (enough to queue for; the others may be restarting)."""
+    return any(value == WorkerSetupStatus.READY for value in worker_statuses(server).values())
+
+
+def worker_statuses(server: ls.LitServer) -> dict[str, str]:
+    status = getattr(server, "workers_setup_status", None)  # absent until run() makes it
+    return status.copy() if status is not None else {}
+
+
+def run_beside_litserve(server: ls.LitServer, task: Callable[[], Any], name: str) -> None:
+    """Run the coroutine `task()` on each HTTP process's event loop for as long as it serves.
+
+    LitServe builds its FastAPI app with its own lifespan; it is wrapped here (Starlette's
+    `router.lifespan_context`) because the response buffer belongs to that loop. Guarded by
+    test_robustness.py::test_a_request_queued_past_the_deadline_gets_a_504_without_waiting_for_the_worker.
+    """
+    litserve_lifespan = server.app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async with litserve_lifespan(app):
+            running = asyncio.create_task(task(), name=name)
+            try:
+                yield
+            finally:
+                running.cancel()
+
+    server.app.router.lifespan_context = lifespan
+
+
+# --- shutdown and worker restarts ---------------------------------------------------------------
+
+
+class SupervisedLitServer(ls.LitServer):
+    """`LitServer` that checks for dead workers often, stops listening at once on shutdown, and
+    stops restarting workers then.
+
+    On shutdown LitServe first lets the HTTP processes drain (uvicorn finishes accepted requests
+    for up to `uvicorn_graceful_timeout` seconds, while the workers keep serving), then
+    terminates the workers. Two things go wrong on the way, fixed here by overriding private
+    methods (guarded by test_robustness.py::test_sigterm_drains_the_running_request_then_exits):
 
     - The listening socket is opened in this process and inherited by every process forked
-      from it (the HTTP processes and LitServe's manager). Uvicorn closes only its copy, so
-      the kernel would go on accepting connections that nobody answers. The socket itself
-      is shut down instead, which refuses new connections in all processes at once.
-    - With `restart_workers=True` the monitor thread, which is not told about a shutdown
-      caused by a signal, would revive the workers it sees terminated.
+      from it (the HTTP processes and LitServe's manager). Uvicorn closes only its copy, so the
+      kernel would go on accepting connections that nobody answers. The socket itself is shut
+      down instead (`_start_server` is where LitServe hands it over), which refuses new
+      connections in all processes at once.
+    - With `restart_workers=True` the monitor thread, which is not told about a shutdown caused
+      by a signal, would revive the workers it sees terminated (`launch_single_inference_worker`).
     """
 
     _stopping = False
     _listening: list[socket.socket] = []
+
+    def __init__(self, *args: Any, shutdown_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Attributes LitServe reads but takes no argument for (its defaults: 2 s and 30 s).
+        self.monitor_internal = WORKER_MONITOR_INTERVAL
+        self.uvicorn_graceful_timeout = shutdown_timeout
 
     def _start_server(self, port: Any, num_uvicorn_servers: int, log_level: str, sockets: list[socket.socket],
                       *args: Any, **kwargs: Any) -> Any:
@@ -172,3 +174,87 @@ class SupervisedLitServer(ls.LitServer):
             # Hand the monitor back the dead process: it stays dead and nothing new is spawned.
             return self.inference_workers[worker_id]
         return super().launch_single_inference_worker(lit_api, worker_id)
+
+
+# --- the request id: which HTTP request a form in a worker came from ------------------------------
+
+#: The form field carrying the id. It always comes first (it is prepended); a client sending a
+#: field of this name gets the usual "unknown parameter" error for it.
+REQUEST_ID_FIELD = "clarity_request_id"
+
+
+def split_request_id(items: list[tuple[str, Any]]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """The request id `tag_request` put first in a form, and the form's own fields."""
+    if items and items[0][0] == REQUEST_ID_FIELD:
+        return items[0][1], items[1:]
+    return None, items
+
+
+@contextlib.asynccontextmanager
+async def tag_request(
+    scope: Scope, receive: Receive, send: Send, on_disconnect: Callable[[str], None]
+) -> AsyncIterator[tuple[str, tuple[Scope, Receive, Send]]]:
+    """A fresh request id, and (scope, receive, send) for the app with the id inside the body.
+
+    LitServe 0.2.19 hands `decode_request` the parsed form and nothing else of the HTTP request,
+    and cannot withdraw a queued request. So the id travels as a form field put in front of the
+    multipart body (the form is parsed after this, in the HTTP process, and reaches the worker
+    whole), and when the client disconnects before its answer is sent, `on_disconnect(id)` is
+    called, so that workers can skip or stop its work. The id is also sent back as the
+    `x-request-id` header (the OpenAI SDKs expose it as `response._request_id`).
+    Guarded by test_robustness.py::test_a_client_that_hangs_up_stops_its_running_upscale and
+    test_logs.py (the id in the worker's log lines is the one the client got).
+
+    `scope` must be a multipart/form-data request with a boundary.
+    """
+    request_id = f"req_{secrets.token_hex(16)}"  # OpenAI's shape; also a safe file name
+    tagged_scope, prefix = _with_form_field(scope, REQUEST_ID_FIELD, request_id)
+    state = {"prefix_sent": False, "body_done": False, "answered": False}
+    disconnected: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+    watcher: list[asyncio.Task[None]] = []
+
+    async def watch() -> None:
+        # After the body, the server's next message for this request is the disconnect: sent
+        # when the client goes, or once the response is complete.
+        message = await receive()
+        if message["type"] == "http.disconnect" and not state["answered"]:
+            on_disconnect(request_id)
+        disconnected.set_result(message)
+
+    async def tagged_receive() -> Message:
+        if state["body_done"]:
+            return await asyncio.shield(disconnected)  # only the watcher reads the real channel
+        if not state["prefix_sent"]:
+            state["prefix_sent"] = True
+            return {"type": "http.request", "body": prefix, "more_body": True}
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            state["body_done"] = True
+            watcher.append(asyncio.create_task(watch(), name=f"clarity-disconnect-watch-{request_id[:12]}"))
+        return message
+
+    async def answered_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            state["answered"] = True
+            message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+        await send(message)
+
+    try:
+        yield request_id, (tagged_scope, tagged_receive, answered_send)
+    finally:
+        for task in watcher:
+            task.cancel()
+
+
+def _with_form_field(scope: Scope, name: str, value: str) -> tuple[Scope, bytes]:
+    """`scope` with its Content-Length grown by the multipart part that sends `name=value` first, and that part."""
+    _, options = parse_options_header(dict(scope["headers"]).get(b"content-type", b""))
+    part = (
+        b"--" + options[b"boundary"] + b"\r\n"
+        + f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    )
+    headers = [
+        (header, str(int(text) + len(part)).encode() if header.lower() == b"content-length" else text)
+        for header, text in scope["headers"]
+    ]
+    return {**scope, "headers": headers}, part

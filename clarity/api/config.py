@@ -1,0 +1,124 @@
+"""`ServerConfig`: every option of the server, defined once with its default and meaning.
+
+`clarity serve` and `python server.py` derive their flags from these fields (cli/options.py),
+the runtimes read nothing else, and the inference workers receive it whole (it pickles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from clarity import SpeedOptions
+from clarity.api.logs import DEFAULT_PROGRESS_SECONDS, LOG_LEVELS
+from clarity.errors import ParamError
+from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
+from clarity.options import option
+from clarity.params import check_range
+
+#: Where the CLI and server look for weights when neither --weights nor $CLARITY_WEIGHTS says.
+DEFAULT_WEIGHTS = Path("weights")
+
+
+def model_ids(text: str) -> tuple[str, ...]:
+    """`--models a, b` -> ("a", "b")."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def device_count(text: str) -> int | str:
+    """`--devices 2` -> 2; `auto` stays a word."""
+    return int(text) if text.strip().isdigit() else text.strip()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How one Clarity server runs: its models, limits, addresses and logs."""
+
+    weights: Path = option(
+        DEFAULT_WEIGHTS, "Weights root or one model folder.", env="CLARITY_WEIGHTS", metavar="DIR"
+    )
+    models: tuple[str, ...] | None = option(
+        None, "Serve only these model ids of the weights root (default: all; each is loaded in every worker).",
+        metavar="ID,ID", parse=model_ids,
+    )
+    default_model: str | None = option(
+        None, "Model for requests that name none (default: clarity-upscaler if served, else the first id).",
+        metavar="ID",
+    )
+    host: str = option("0.0.0.0", "Address to listen on.")
+    port: int = option(8000, "Port to listen on.")
+    accelerator: str = option("auto", "Where models run: auto = CUDA if present.", choices=("auto", "cpu", "cuda"))
+    devices: int | str = option("auto", "Number of GPUs to use, or auto.", parse=device_count)
+    workers_per_device: int = option(1, "Model copies per device, each serving one request at a time.", min=1)
+    api_key: str | None = option(
+        None, "Require 'Authorization: Bearer <key>' on every route but /health; without a key the server is open"
+        " to anyone who can reach its port",
+        env="CLARITY_API_KEY",
+    )
+    output_dir: Path | None = option(
+        None, "Where url-mode results are kept (default: a new temporary folder).", metavar="DIR"
+    )
+    public_url: str | None = option(
+        None, "Base URL clients reach this server at, used in result URLs (default: http://localhost:PORT).",
+        metavar="URL",
+    )
+    result_ttl_seconds: float = option(3600.0, "Seconds a url-mode result stays downloadable.", min=0)
+    max_payload_mb: float = option(50.0, "Largest request body accepted, in MB.", min=0)
+    max_output_mp: float | None = option(
+        None, f"Largest output accepted, in megapixels (default: {DEFAULT_MAX_OUTPUT_PIXELS / 1e6:.1f}).", min=0
+    )
+    max_input_mp: float = option(
+        DEFAULT_MAX_INPUT_PIXELS / 1e6,
+        "Largest input accepted, in megapixels, checked from the file's header before decoding.", min=0,
+    )
+    max_queue: int = option(
+        16, "Edit requests held at once (queued or running) per HTTP process before answering 429 queue_full.",
+        min=1,
+    )
+    upload_timeout: float = option(
+        120.0, "Seconds a client may take to send its request body before a 408 upload_timeout (50 MB at the"
+        " default is about 3.5 Mbit/s).", min=0,
+    )
+    queue_timeout: float = option(
+        600.0, "Seconds a request may wait for a free worker before a 504 queue_timeout.", min=0
+    )
+    shutdown_timeout: float = option(
+        30.0, "On SIGTERM, seconds accepted requests get to finish before the workers stop.", min=0
+    )
+    max_compute_seconds: float | None = option(
+        None, "Stop an upscale that has run this long and answer 504 compute_timeout (default: no limit).", min=0
+    )
+    log_level: str = option(
+        "info", "Server and worker log level: info logs a line as each request starts and ends, and progress"
+        " while it runs.", choices=LOG_LEVELS,
+    )
+    progress_log_seconds: float = option(
+        DEFAULT_PROGRESS_SECONDS, "Seconds between progress lines of a running request.", min=0
+    )
+    speed: SpeedOptions = option(default_factory=SpeedOptions, help="speed (see README, GPU)")
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range numbers and unknown choices with a `ParamError` naming the option."""
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise ParamError(f.name, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                check_range(f.name, value, meta["min"], meta["max"])
+
+    @property
+    def base_url(self) -> str:
+        """The URL result links start with: `public_url`, else this machine's port on localhost."""
+        return (self.public_url or f"http://localhost:{self.port}").rstrip("/")
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return int(self.max_payload_mb * 1_000_000)
+
+    @property
+    def max_input_pixels(self) -> int:
+        return int(self.max_input_mp * 1_000_000)
+
+    @property
+    def max_output_pixels(self) -> int:
+        return int(self.max_output_mp * 1_000_000) if self.max_output_mp else DEFAULT_MAX_OUTPUT_PIXELS

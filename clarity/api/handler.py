@@ -1,0 +1,138 @@
+"""One edits request, from form to engine to response: the same steps for every runtime.
+
+    handler = EditHandler(config, catalogue)      # in the front end: picklable, nothing loaded
+    handler.load(device)                          # in each worker: every served model
+    request = handler.parse(form_items)           # 4xx naming the field, before any work
+    result = handler.run(request, cancelled=...)  # the upscale, stopped on a deadline or cancel
+    body = handler.respond(request, result)       # OpenAI's ImagesResponse; url mode stores files
+
+Every expected failure leaves as an `APIError` (status and OpenAI-shaped body); a runtime only
+carries it to the client. Deadline and cancellation are plain callables checked after every
+denoising step, the only place a running upscale can stop early.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from clarity.api import wire
+from clarity.api.config import ServerConfig
+from clarity.api.errors import CLIENT_GONE_STATUS, ENGINE_FAILURE, APIError, api_error
+from clarity.api.logs import RequestLog
+from clarity.api.results import ResultStore, result_url
+from clarity.errors import ClarityError
+from clarity.imageio import encode_image
+
+if TYPE_CHECKING:
+    from clarity import Upscaler, UpscaleResult
+    from clarity.models.catalogue import Catalogue
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised from the engine's progress callback to stop a running upscale; answered with `error`."""
+
+    def __init__(self, error: APIError, reason: str) -> None:
+        super().__init__(reason)
+        self.error = error
+
+
+def client_gone() -> APIError:
+    """The answer for work whose client disconnected: logged, never received."""
+    return APIError(CLIENT_GONE_STATUS, "The client closed the connection.", code="client_gone")
+
+
+def _never() -> bool:
+    return False
+
+
+class EditHandler:
+    """`POST /v1/images/edits` for the models of `catalogue`, under `config`'s limits.
+
+    `results` keeps url-mode outputs; each runtime gives the one its processes share.
+    Everything passed in must pickle: runtimes build the handler in the front end and load
+    the models in each worker (`load`), so every model is resident in every worker.
+    """
+
+    def __init__(self, config: ServerConfig, catalogue: Catalogue, results: ResultStore) -> None:
+        self.config = config
+        self.catalogue = catalogue
+        self.results = results
+        self.upscalers: dict[str, Upscaler] = {}
+
+    def load(self, device: str) -> None:
+        """Load every served model onto `device`."""
+        from clarity import Upscaler
+        from clarity.models.catalogue import upscaler_kwargs
+
+        for model_id in self.catalogue.models:
+            self.upscalers[model_id] = Upscaler.from_pretrained(
+                **upscaler_kwargs(self.catalogue, model_id), device=device,
+                max_output_pixels=self.config.max_output_pixels, speed=self.config.speed,
+            )
+
+    def parse(self, items: Iterable[tuple[str, Any]], request_id: str | None = None) -> wire.EditRequest:
+        """Validate a form into an `EditRequest`; every mistake is an `APIError` naming its field."""
+        try:
+            edit = wire.parse_edit_form(items, self.catalogue.models, max_input_pixels=self.config.max_input_pixels)
+        except ClarityError as error:
+            raise api_error(error) from None
+        return dataclasses.replace(edit, request_id=request_id)
+
+    def run(self, request: wire.EditRequest, cancelled: Callable[[], bool] = _never) -> UpscaleResult:
+        """Upscale `request`, checking the compute deadline and `cancelled()` after every denoising step."""
+        started = time.monotonic()
+        model = request.model or self.catalogue.default_model
+        log = RequestLog(logger, request.request_id, self.config.progress_log_seconds)
+        width, height = request.image.size
+        log.started_work(f"model {model}, {width}x{height} at scale {request.params.scale_factor:g}, n={request.n}")
+        limit = self.config.max_compute_seconds
+
+        def check(event: Any) -> None:
+            if limit and time.monotonic() - started > limit:
+                message = f"The upscale took longer than this server's limit of {limit:g} s."
+                raise _Stop(APIError(504, message, code="compute_timeout"), f"over the compute limit of {limit:g} s")
+            if cancelled():
+                raise _Stop(client_gone(), "its client disconnected")
+            log.progress(event.fraction)
+
+        try:
+            result = self.upscalers[model].upscale(
+                request.image, request.params, num_images=request.n, mask=request.mask, progress=check
+            )
+        except _Stop as stop:
+            logger.warning("request %s stopped: %s", request.request_id, stop)
+            raise stop.error from None
+        except ClarityError as error:
+            logger.info("request %s refused: %s", request.request_id, error)
+            raise api_error(error) from None
+        except Exception:
+            # Logged here, in the worker, with the traceback; the client only learns it failed.
+            logger.exception("request %s failed", request.request_id)
+            raise APIError(500, ENGINE_FAILURE) from None
+        out_width, out_height = result.images[0].size
+        log.finished(f"{len(result.images)} image(s) of {out_width}x{out_height}")
+        return result
+
+    def respond(self, request: wire.EditRequest, result: UpscaleResult) -> dict[str, Any]:
+        """The `ImagesResponse` body: each image encoded, inline or stored for url mode."""
+        data = []
+        for image, seed in zip(result.images, result.stats.seeds, strict=True):
+            encoded = encode_image(image, request.output_format, request.output_compression)
+            if request.response_format == "b64_json":
+                item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
+            else:
+                item = {"url": result_url(self.config.base_url, self.results.save(encoded, request.output_format))}
+            # `seed` is Clarity's addition: what to send to reproduce this variant alone.
+            data.append({**item, "revised_prompt": request.params.prompt, "seed": seed})
+        sizes = [image.size for image in result.images]
+        return wire.images_response(
+            data, request.output_format, sizes[0], wire.megapixels(sizes), result.stats.seconds,
+            retries=result.stats.retries,
+        )

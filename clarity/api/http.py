@@ -1,0 +1,203 @@
+"""What every HTTP front end of the API shares: checks before the route, error reshaping, and the
+routes that are not the edits endpoint (models, result files).
+
+Plain Starlette/FastAPI, no runtime: a runtime adds the edits route itself (it decides where the
+work runs), puts `GuardMiddleware` outermost, and calls `install_error_handlers` and
+`add_public_routes` on its app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable, Collection
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clarity.api import wire
+from clarity.api.errors import APIError, error_body, model_not_found, retry_headers
+from clarity.api.results import FILES_ROUTE, ResultStore, media_type
+
+logger = logging.getLogger(__name__)
+
+#: Routes anyone may call: load balancers probe /health without credentials.
+OPEN_PATHS = frozenset({"/health"})
+
+
+def json_error(error: APIError) -> Response:
+    return JSONResponse(error.body, status_code=error.status, headers=error.headers)
+
+
+def is_multipart(content_type: str) -> bool:
+    kind, _, parameters = content_type.partition(";")
+    return kind.strip() == "multipart/form-data" and "boundary=" in parameters
+
+
+class GuardMiddleware:
+    """Auth, body size and upload time limits, readiness and content type, checked before any route.
+
+    A plain ASGI middleware, so that it runs before any form is parsed: an oversized or slow
+    upload is refused as it arrives, not after it has been buffered. The key is checked on
+    every route but `OPEN_PATHS` and the result files (whose unguessable names are the
+    credential). `ready()` says whether a worker can take edits yet (else 503 with Retry-After).
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, upload_timeout: float,
+        ready: Callable[[], bool],
+    ) -> None:
+        self.app = app
+        self._key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.upload_timeout = upload_timeout
+        self.ready = ready
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await json_error(refusal)(scope, receive, send)
+            return
+        await self.app(scope, self._limited(receive), send)
+
+    def _refusal(self, scope: Scope) -> APIError | None:
+        """The answer to send at once, from the path and headers alone; None to go on."""
+        path = scope["path"]
+        headers = {name.decode("latin-1").lower(): value for name, value in scope["headers"]}
+        if self._key and path not in OPEN_PATHS and not path.startswith(FILES_ROUTE + "/"):
+            rejection = self._check_key(headers.get("authorization"))
+            if rejection:
+                return APIError(401, rejection, code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return self._too_large()
+        if path != wire.EDITS_PATH:
+            return None
+        if not self.ready():
+            return APIError(503, "The model is still loading; retry shortly.")
+        if not is_multipart(headers.get("content-type", b"").decode("latin-1").lower()):
+            # A JSON body cannot carry the image file, and neither can a urlencoded form.
+            message = "Send the request as multipart/form-data (with a boundary) and the image as a file,"
+            return APIError(400, message + " as the OpenAI SDKs do.", code="invalid_content_type")
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        """`receive` bounded in bytes (chunked uploads carry no Content-Length) and in time (a
+        trickling upload would hold its place for as long as its client likes)."""
+        received = 0
+        body_done = False
+        deadline = asyncio.get_running_loop().time() + self.upload_timeout
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.0))
+            except TimeoutError:
+                message = f"The request body did not arrive within {self.upload_timeout:g} s."
+                raise HTTPException(408, detail=error_body(408, message, code="upload_timeout")) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                # FastAPI's subclass: endpoints that re-raise HTTP errors do so with this one, as it is.
+                raise HTTPException(413, detail=self._too_large().body)
+            return message
+
+        return limited_receive
+
+    def _check_key(self, authorization: bytes | None) -> str | None:
+        """None if the bearer key is right, else the message to send (which never echoes the key)."""
+        if not authorization:
+            return "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+            return "Incorrect API key provided."
+        return None
+
+    def _too_large(self) -> APIError:
+        limit = self.max_body_bytes / 1e6
+        return APIError(413, f"The request body is larger than this server's limit of {limit:g} MB.")
+
+
+def install_error_handlers(app: FastAPI, plain_errors: dict[int, APIError] | None = None) -> None:
+    """Answer every error in OpenAI's shape with the SDKs' retry advice.
+
+    `plain_errors` replaces the plain-text details a runtime's own checks raise, by status
+    (LitServe's queue deadline is a bare 504).
+    """
+    plain_errors = plain_errors or {}
+
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        cause = error.__cause__
+        if error.status_code == 500 and isinstance(cause, StarletteHTTPException) and cause.status_code < 500:
+            # A 4xx from the form parser (a malformed multipart body) that a runtime wrapped in a 500.
+            return await http_error(request, cause)
+        detail = error.detail
+        if isinstance(detail, dict) and "error" in detail:
+            body = detail
+        elif error.status_code in plain_errors:
+            body = plain_errors[error.status_code].body
+        else:
+            message = detail if isinstance(detail, str) else "Request failed."
+            if error.status_code == 404:
+                message = f"Unknown route {request.method} {request.url.path}."
+            body = error_body(error.status_code, message)
+        headers = {**(error.headers or {}), **retry_headers(error.status_code, body["error"].get("code"))}
+        return JSONResponse(body, status_code=error.status_code, headers=headers)
+
+    async def validation_error(request: Request, error: RequestValidationError) -> Response:
+        first = error.errors()[0] if error.errors() else {}
+        param = str(first.get("loc", ["", ""])[-1]) or None
+        return JSONResponse(error_body(422, first.get("msg", "Invalid request."), param=param), status_code=422)
+
+    async def unhandled_error(request: Request, error: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return json_error(APIError(500, "Internal server error."))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unhandled_error)
+
+
+def add_public_routes(app: FastAPI, models: Collection[str], results: ResultStore) -> None:
+    """`GET /v1/models`, `GET /v1/models/{id}` and the url-mode result files."""
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return wire.models_list(models)
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> Response:
+        if model_id not in models:
+            return json_error(model_not_found(model_id, models))
+        return JSONResponse(wire.model_object(model_id))
+
+    @app.get(FILES_ROUTE + "/{name}")
+    async def get_file(name: str) -> Response:
+        path = results.find(name)
+        if path is None:
+            message = "No such file; result URLs expire after an hour."
+            return json_error(APIError(404, message, code="file_not_found"))
+        return FileResponse(path, media_type=media_type(name))
+
+
+def document_edits_form(app: FastAPI) -> None:
+    """Describe the edits form in the OpenAPI schema (a raw-request route declares no fields)."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build_schema()  # built once and cached by FastAPI; patching it again changes nothing
+        schema["paths"][wire.EDITS_PATH]["post"]["requestBody"] = wire.edit_form_schema()
+        return schema
+
+    app.openapi = openapi

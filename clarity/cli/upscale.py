@@ -1,0 +1,174 @@
+"""`clarity upscale INPUT... -o OUTPUT`: one image or a batch, on this machine or on a server.
+
+Everything that can be checked without the model is checked first (parameters, the batch
+plan, a `--server`'s address, key and model), before minutes of loading and work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from clarity import SpeedOptions
+from clarity.api.config import ServerConfig
+from clarity.cli.batch import Job, plan_jobs, write_atomically
+from clarity.cli.options import add_option_flags, add_param_flags, options_from_args, param_texts
+from clarity.cli.remote import RemoteError
+from clarity.errors import ClarityError, ParamError
+from clarity.imageio import FORMAT_ALIASES, OUTPUT_FORMATS
+from clarity.params import UpscaleParams
+
+#: `produce(job, show_steps) -> (encoded result, a description of it)`: the work, local or remote.
+Producer = Callable[[Job, bool], tuple[bytes, str]]
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    upscale = commands.add_parser("upscale", help="Upscale an image file, or many files and folders.")
+    upscale.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                         help="Image(s) to upscale (PNG, JPEG, WebP, ...), or folders of them.")
+    upscale.add_argument("-o", "--output", type=Path, required=True,
+                         help="The result's file name (one input), or a folder where each result is named"
+                              " after its input (several inputs, or a folder).")
+    upscale.add_argument("--format", dest="folder_format", choices=[*OUTPUT_FORMATS, *FORMAT_ALIASES],
+                         default="png", help="Format of results written into an output folder (default: png).")
+    upscale.add_argument("--overwrite", action="store_true",
+                         help="Redo results already in the output folder (default: skip them, so that an"
+                              " interrupted batch resumes where it stopped).")
+    upscale.add_argument("--server", default=None, metavar="URL",
+                         help="Have a Clarity server do the work (e.g. http://gpu-box:8000) instead of this"
+                              " machine; --weights, --device and the speed flags are then the server's.")
+    upscale.add_argument("--api-key", default=None, help="The server's API key (default: $CLARITY_API_KEY).")
+    upscale.add_argument("--concurrency", type=int, default=2,
+                         help="With --server, images in flight at once (default: 2, so the server's queue"
+                              " never runs dry between images).")
+    add_option_flags(upscale, ServerConfig, only=("weights",))
+    upscale.add_argument("--model", default=None,
+                         help="Model id in the weights root (default: clarity-upscaler if present, else the first).")
+    upscale.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
+    upscale.add_argument("--quality", type=int, default=None, help="Quality 0-100 for JPEG/WebP/AVIF outputs.")
+    upscale.add_argument("--mask", type=Path, default=None,
+                         help="Image marking what to keep unchanged: white (or opaque, if it has alpha) = keep.")
+    add_option_flags(upscale, SpeedOptions, title="speed (see README, GPU)")
+    add_param_flags(upscale)
+    upscale.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = UpscaleParams.from_strings(param_texts(args))
+    if args.concurrency < 1:
+        raise ParamError("concurrency", f"must be at least 1, got {args.concurrency}")
+    jobs = plan_jobs(args.inputs, args.output, args.folder_format)
+    single = len(jobs) == 1 and jobs[0].target == args.output
+    todo = [job for job in jobs if single or args.overwrite or not job.target.exists()]
+    if not single and len(todo) < len(jobs):
+        print(f"skipping {len(jobs) - len(todo)} image(s) whose result exists in {args.output}"
+              " (--overwrite redoes them)")
+    if not todo:
+        return 0
+
+    produce = _remote_producer(args, params) if args.server else _local_producer(args, params)
+    # Bars on a terminal; silence in logs and pipes, where carriage returns are noise.
+    interactive = sys.stderr.isatty()
+    if single:
+        _write(todo[0], produce, show_steps=interactive)
+        return 0
+    failed = _run_batch(todo, produce, args.concurrency if args.server else 1, interactive)
+    print(f"done: {len(todo) - len(failed)} written, {len(jobs) - len(todo)} skipped, {len(failed)} failed")
+    for source in failed:
+        print(f"failed: {source}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write(job: Job, produce: Producer, show_steps: bool = False) -> None:
+    data, description = produce(job, show_steps)
+    write_atomically(job.target, data)
+    print(f"wrote {job.target} {description}")
+
+
+def _run_batch(todo: list[Job], produce: Producer, concurrency: int, interactive: bool) -> list[Path]:
+    """Produce every job, `concurrency` at once; a job that fails is reported and the rest go on.
+
+    Returns the sources that failed.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    failed: list[Path] = []
+
+    def write_or_report(job: Job) -> None:
+        try:
+            _write(job, produce)
+        except Exception as error:  # one bad image must not cost the rest of the batch
+            failed.append(job.source)
+            known = isinstance(error, ClarityError | RemoteError)
+            print(f"clarity: error: {job.source}: {error if known else f'{type(error).__name__}: {error}'}",
+                  file=sys.stderr)
+
+    if concurrency == 1:  # on this machine the model is the bottleneck
+        for job in tqdm(todo, unit="image", disable=not interactive):
+            write_or_report(job)
+        return failed
+    # A few requests in flight keep a server's queue fed; on Ctrl-C those finish and are written,
+    # and the rest never start.
+    pool = ThreadPoolExecutor(concurrency)
+    try:
+        list(tqdm(pool.map(write_or_report, todo), total=len(todo), unit="image", disable=not interactive))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return failed
+
+
+def _local_producer(args: argparse.Namespace, params: UpscaleParams) -> Producer:
+    """Load the model once; return the producer that upscales on this machine."""
+    from tqdm import tqdm
+
+    from clarity import ProgressEvent, Upscaler
+    from clarity.imageio import encode_image
+    from clarity.models.catalogue import Catalogue, upscaler_kwargs
+
+    catalogue = Catalogue.discover(args.weights)
+    model_id = catalogue.model_id(args.model)
+    upscaler = Upscaler.from_pretrained(**upscaler_kwargs(catalogue, model_id), device=args.device,
+                                        speed=options_from_args(SpeedOptions, args))
+    if upscaler.tiny_model:
+        print("note: using the tiny test model; its output has no meaningful detail", file=sys.stderr)
+
+    def produce(job: Job, show_steps: bool) -> tuple[bytes, str]:
+        bar = tqdm(total=100, unit="%", disable=not show_steps, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+        def on_progress(event: ProgressEvent) -> None:
+            bar.set_description(f"pass {event.pass_index + 1}/{event.passes}")
+            bar.update(round(event.fraction * 100) - bar.n)
+
+        result = upscaler.upscale(job.source, params, mask=args.mask, progress=on_progress)
+        bar.close()
+        stats = result.stats
+        description = (f"({result.image.width}x{result.image.height}) in {stats.seconds:.1f} s; seed {stats.seeds[0]},"
+                       f" {len(stats.passes)} pass(es), tiles per pass {[p.tiles for p in stats.passes]}")
+        return encode_image(result.image, job.output_format, args.quality), description
+
+    return produce
+
+
+def _remote_producer(args: argparse.Namespace, params: UpscaleParams) -> Producer:
+    """Check the server once; return the producer that has it upscale."""
+    from clarity.cli.remote import RemoteUpscaler
+
+    # Only what the user set travels (the rest are the server's defaults, which are the same),
+    # but always a prompt: OpenAI's `prompt` is required, and an empty one would mean "none".
+    fields = {name: text for name, text in param_texts(args).items() if text is not None}
+    fields.setdefault("prompt", params.prompt)
+    remote = RemoteUpscaler(args.server, args.api_key or os.environ.get("CLARITY_API_KEY"), args.model)
+    remote.check()  # a wrong URL, key or model fails once, not once per image
+
+    def produce(job: Job, show_steps: bool) -> tuple[bytes, str]:
+        started = time.perf_counter()
+        data, description = remote.upscale(job, fields, args.quality, args.mask)
+        return data, f"({description}) in {time.perf_counter() - started:.1f} s"
+
+    return produce
