@@ -8,6 +8,12 @@ its exit code. Everything else a caller may see is a bug, reported as such.
 from __future__ import annotations
 
 
+def echo(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, cut to its first `limit` characters: a message never
+    repeats a whole hostile value."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 class ClarityError(Exception):
     """Base of the errors Clarity raises on purpose; its message is written for the user."""
 

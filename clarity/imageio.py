@@ -18,7 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clarity.errors import ParamError
+from clarity.errors import ParamError, echo
 
 #: Decoders tried on untrusted input.
 INPUT_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
@@ -209,7 +209,7 @@ def check_output_format(output_format: str, param: str = "output_format") -> str
     name = output_format.lower()
     if name not in OUTPUT_FORMATS and name not in FORMAT_ALIASES:
         accepted = ", ".join([*OUTPUT_FORMATS, *FORMAT_ALIASES])
-        raise ParamError(param, f"must be one of {accepted}; got {output_format!r}")
+        raise ParamError(param, f"must be one of {accepted}; got {echo(output_format)}")
     return name
 
 

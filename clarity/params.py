@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
-from clarity.errors import ParamError
+from clarity.errors import ParamError, echo
 from clarity.options import option
 
 #: Scheduler names users know from A1111 and the original Clarity; see engine/schedulers.py.
@@ -169,33 +170,40 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+#: Numbers as people type them: ASCII digits, an optional sign and decimal point. Python's own
+#: `int()` and `float()` also take other scripts' digits, `1_000`, `nan` and `inf`, which a
+#: form field or a flag should not.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
 def parse_bool(name: str, text: str) -> bool:
     """true/1/yes/on or false/0/no/off (any case), else `ParamError` naming `name`."""
     word = text.strip().lower()
     if word not in _TRUE + _FALSE:
-        raise ParamError(name, f"expected true or false, got {text!r}")
+        raise ParamError(name, f"expected true or false, got {echo(text)}")
     return word in _TRUE
 
 
 def parse_int(name: str, text: str) -> int:
-    """A whole number written as text ("3", "3.0"), else `ParamError` naming `name`."""
+    """A whole number written in plain ASCII decimal ("3", "-2", "3.0"), else `ParamError` naming `name`."""
+    text = text.strip()
     try:
-        number = float(text)
-        if not number.is_integer():
+        if not _DECIMAL.fullmatch(text):
             raise ValueError
-        return int(number)
+        if "." not in text:
+            return int(text)  # exact, however long (Python refuses over 4300 digits: a ValueError)
+        if not float(text).is_integer():
+            raise ValueError
+        return int(float(text))
     except ValueError:
-        raise ParamError(name, f"expected an integer, got {text!r}") from None
+        raise ParamError(name, f"expected an integer, got {echo(text)}") from None
 
 
 def parse_float(name: str, text: str) -> float:
-    """A number written as text, else `ParamError` naming `name`."""
-    try:
-        return float(text)
-    except ValueError:
-        raise ParamError(name, f"expected a number, got {text!r}") from None
+    """A number written in plain ASCII decimal ("0.35", "-1", ".5"), else `ParamError` naming `name`."""
+    if not _DECIMAL.fullmatch(text.strip()):
+        raise ParamError(name, f"expected a number, got {echo(text)}")
+    return float(text)
 
 
 def check_range(name: str, value: float, low: float | None, high: float | None) -> Any:
@@ -242,7 +250,7 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ParamError(name, f"expected a string, got {type(value).__name__}")
         if meta["choices"] and value not in meta["choices"]:
-            raise ParamError(name, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+            raise ParamError(name, f"must be one of {', '.join(meta['choices'])}; got {echo(value)}")
         return value
     # bool is an int subclass in Python; True as a scale factor is always a mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -259,4 +267,9 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
 
 
 def _fmt(number: float) -> str:
-    return f"{number:g}"
+    """A limit or value as people write it: 4294967295, not 4.29497e+09; 0.35, not 0.35000000000000003;
+    cut short if it is hostile."""
+    if isinstance(number, int) or (math.isfinite(number) and float(number).is_integer()):
+        text = str(int(number))
+        return text if len(text) <= 40 else f"{text[:40]}... ({len(text):,} digits)"
+    return f"{number:.6g}"

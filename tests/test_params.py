@@ -81,6 +81,21 @@ def test_from_strings_errors_name_the_field(values, field, text):
     assert text in str(caught.value)
 
 
+@pytest.mark.parametrize("text", ["\u0663", "1_000", "nan", "inf", "1e3", "0x10", " "])
+def test_numbers_must_be_plain_ascii_decimals(text):
+    for name in ("seed", "num_inference_steps", "creativity"):
+        with pytest.raises(ParamError) as caught:
+            UpscaleParams.from_strings({name: text})
+        assert caught.value.param == name
+
+
+def test_limits_and_values_print_as_people_write_them():
+    with pytest.raises(ParamError, match=r"must be <= 4294967295, got 9{40}\.\.\. \(60 digits\)"):
+        UpscaleParams.from_strings({"seed": "9" * 60})
+    with pytest.raises(ParamError, match=r"must be <= 1, got 1\.5$"):
+        UpscaleParams(creativity=1.5)
+
+
 def test_replace_validates_and_rejects_unknown_names():
     assert UpscaleParams().replace(creativity=0.1).creativity == 0.1
     with pytest.raises(ParamError, match="creativity"):

@@ -152,6 +152,27 @@ def test_unknown_field_suggests_the_nearest_one(client):
     assert "did you mean 'output_format'" in caught.value.message
 
 
+@pytest.mark.parametrize(("field", "text"), [("n", "\u0663"), ("n", "1_000"), ("seed", "1_000"),
+                                           ("seed", "\u0661\u0662"), ("creativity", "nan"),
+                                           ("output_compression", "9e1")])
+def test_numbers_are_plain_ascii_decimals_in_every_field(client, field, text):
+    # Python's int() and float() take Arabic-Indic digits (n=\u0663 gave 3 images), underscores and
+    # nan; a form field does not.
+    with pytest.raises(openai.BadRequestError) as caught:
+        edit(client, extra_body={field: text})
+    assert caught.value.param == field
+
+
+def test_error_messages_echo_a_short_prefix_and_integer_limits(client):
+    for digits in (60, 5000):  # a number over the limit; one too long to read as a number at all
+        with pytest.raises(openai.BadRequestError) as caught:
+            edit(client, extra_body={"seed": "7" * digits})
+        assert caught.value.param == "seed" and len(caught.value.message) < 200
+    with pytest.raises(openai.BadRequestError) as caught:
+        edit(client, extra_body={"seed": "7" * 60})
+    assert "<= 4294967295" in caught.value.message
+
+
 def test_a_file_that_is_not_an_image_is_refused(client):
     with pytest.raises(openai.BadRequestError) as caught:
         edit(client, image=b"this is not an image")  # the SDK names it `upload`

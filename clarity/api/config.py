@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clarity import SpeedOptions
 from clarity.api.logs import DEFAULT_PROGRESS_SECONDS, LOG_LEVELS
-from clarity.errors import ParamError
+from clarity.errors import ParamError, echo
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.options import option
 from clarity.params import check_range
@@ -102,7 +102,7 @@ class ServerConfig:
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if meta["choices"] and value not in meta["choices"]:
-                raise ParamError(f.name, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+                raise ParamError(f.name, f"must be one of {', '.join(meta['choices'])}; got {echo(str(value))}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 check_range(f.name, value, meta["min"], meta["max"])
 

@@ -77,9 +77,10 @@ def invalid(param: str, message: str, code: str | None = None) -> APIError:
 
 def model_not_found(name: str, available: Iterable[str], param: str = "model") -> APIError:
     served = ", ".join(f"`{model_id}`" for model_id in available)
+    shown = name if len(name) <= 40 else f"{name[:40]}..."  # never a whole hostile value
     return APIError(
         404,
-        f"The model `{name}` does not exist or you do not have access to it. This server serves {served}.",
+        f"The model `{shown}` does not exist or you do not have access to it. This server serves {served}.",
         param=param,
         code="model_not_found",
     )

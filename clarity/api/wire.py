@@ -39,7 +39,7 @@ from typing import Any, get_args, get_type_hints
 from PIL import Image
 
 from clarity.api.errors import invalid, model_not_found
-from clarity.errors import ParamError
+from clarity.errors import ParamError, echo
 from clarity.imageio import ASPECT_TOLERANCE, OUTPUT_FORMATS, load_image, same_aspect_ratio
 from clarity.params import UpscaleParams, check_range, did_you_mean, param_fields, parse_bool, parse_int
 
@@ -157,7 +157,7 @@ def _read_file(value: Any) -> bytes:
 def _choice(name: str, value: str, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:
-        raise invalid(name, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise invalid(name, f"{name} must be one of {', '.join(choices)}; got {echo(value)}")
     return value
 
 
@@ -175,7 +175,7 @@ def scale_for_size(size: str, image_size: tuple[int, int]) -> float | None:
         if width < 1 or height < 1:
             raise ValueError
     except ValueError:
-        raise invalid("size", f"size must be WIDTHxHEIGHT (e.g. 1024x768) or auto; got {size!r}") from None
+        raise invalid("size", f"size must be WIDTHxHEIGHT (e.g. 1024x768) or auto; got {echo(size)}") from None
     in_width, in_height = image_size
     if not same_aspect_ratio((width, height), image_size):
         raise invalid(
@@ -278,7 +278,7 @@ def _model_field(fields: dict[str, Any], models: Collection[str]) -> str | None:
     """The model id the form asks for (via `model` or its alias `sd_model`), None for the default."""
     model, alias = fields.get("model"), fields.get("sd_model")
     if model is not None and alias is not None and model != alias:
-        raise invalid("sd_model", f"sd_model ({alias!r}) and model ({model!r}) name different models; send one")
+        raise invalid("sd_model", f"sd_model ({echo(alias)}) and model ({echo(model)}) name different models; send one")
     param, name = ("model", model) if model is not None else ("sd_model", alias)
     if name is not None and name not in models:
         raise model_not_found(name, models, param=param)
