@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from clarity.cli import main
 from clarity.errors import WeightsError
 from clarity.models import single_file
+from clarity.models.clip_tokenizers import clip_tokenizer
 from clarity.models.loading import ModelSource, check_source, load_components
 from clarity.models.tiny import EXTRA_FILES, FORMATS, SINGLE_FILES, save_tiny_weights
 
@@ -151,7 +152,7 @@ def test_real_sd15_shapes_give_back_the_shipped_configs():
     assert {key: derived[key] for key in shipped("vae")} == shipped("vae")
     text = single_file.text_encoder_to_ldm(_meta_model("text_encoder"))
     derived = single_file.text_encoder_config(
-        {key.removeprefix(single_file.TEXT_PREFIX): value for key, value in text.items()}, single_file.clip_tokenizer()
+        {key.removeprefix(single_file.TEXT_PREFIX): value for key, value in text.items()}, clip_tokenizer()
     )
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings"):
@@ -169,7 +170,7 @@ def test_real_sd15_shapes_give_back_the_shipped_configs():
     ],
 )
 def test_shipped_clip_tokenizer_gives_the_real_token_ids(text, ids):
-    tokenizer = single_file.clip_tokenizer()
+    tokenizer = clip_tokenizer()
     assert len(tokenizer) == 49408
     assert tokenizer(text).input_ids == ids
 

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clarity.errors import ParamError, WeightsError
+from clarity.models.tiny_marker import TINY_MARKER
 
-# clarity.models.loading and .tiny import torch, which takes seconds: they are imported where
-# used, so that `clarity weights download` can fail offline at once and `--help` stays fast.
+# clarity.models.loading imports torch, which takes seconds: it is imported where used, so that
+# `clarity weights download` can fail offline at once and `--help` stays fast.
 if TYPE_CHECKING:
     from clarity.models.loading import ModelSource
 
@@ -132,8 +133,6 @@ class Catalogue:
 
     def is_tiny(self, model_id: str) -> bool:
         """Whether `model_id` is the tiny test model (whose output has no meaningful detail)."""
-        from clarity.models.tiny import TINY_MARKER
-
         return (self.models[model_id].base / TINY_MARKER).exists()
 
 

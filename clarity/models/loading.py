@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from clarity.errors import WeightsError
-from clarity.models.tiny import TINY_MARKER
+from clarity.models.tiny_marker import TINY_MARKER
 
 #: Subfolders a diffusers model folder must have, and what goes in each.
 REQUIRED_PARTS: dict[str, str] = {

@@ -19,18 +19,17 @@ whose tables the `*_to_ldm` functions follow, generalised from SD1.5's fixed dep
 
 from __future__ import annotations
 
-import gzip
 import json
 import pickle
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from clarity.errors import WeightsError
+from clarity.models.clip_tokenizers import tokenizer_for_vocabulary
 
 #: File suffixes read as single-file checkpoints; the pickled ones load with `weights_only=True`.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt")
@@ -45,8 +44,6 @@ CONTROLNET_PREFIX = "control_model."
 #: tiny test model's trained VAE does not, so its writer records it here.
 SCALING_FACTOR_KEY = "scaling_factor"
 SD15_SCALING_FACTOR = 0.18215
-#: Vocabulary size of CLIP ViT-L/14's tokenizer, SD1.5's.
-CLIP_VOCAB_SIZE = 49408
 
 
 def is_single_file(path: Path) -> bool:
@@ -296,51 +293,6 @@ def text_encoder_config(weights: dict[str, torch.Tensor], tokenizer) -> dict:
     }
 
 
-# --- Tokenizer --------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's (and GPT-2's) byte → printable character table, in CLIP's vocabulary order.
-
-    Written out because the order matters for token ids and no installed library exposes it
-    in this order (tokenizers' `ByteLevel.alphabet()` is a set).
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-
-
-@lru_cache(maxsize=1)
-def _clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    lines = gzip.decompress((CONFIGS / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode("utf-8").split("\n")
-    # CLIP uses the first 49152 - 256 - 2 merges (line 0 is a version header).
-    merges = [tuple(line.split()) for line in lines[1 : CLIP_VOCAB_SIZE - 2 * 256 - 2 + 1]]
-    chars = _bytes_to_unicode()
-    tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges), "<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(tokens)}, merges
-
-
-def clip_tokenizer(model_max_length: int = 77):
-    """The CLIP ViT-L/14 tokenizer (SD1.5's), built from the shipped BPE merges: no download."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_vocabulary()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
-
-
-def _tokenizer_for(path: Path, vocab_size: int, model_max_length: int):
-    from clarity.models.tiny import byte_level_tokenizer
-
-    if vocab_size == CLIP_VOCAB_SIZE:
-        return clip_tokenizer(model_max_length)
-    tiny = byte_level_tokenizer()
-    if vocab_size == len(tiny):
-        return tiny
-    raise WeightsError(
-        f"{path}: its text encoder has a {vocab_size}-token vocabulary; SD1.5's CLIP tokenizer has {CLIP_VOCAB_SIZE}."
-    )
-
-
 # --- Loading ----------------------------------------------------------------------------------
 
 
@@ -432,7 +384,7 @@ def load_text_encoder_and_tokenizer(checkpoint: Checkpoint, dtype: torch.dtype =
     try:
         tokens = weights["text_model.embeddings.token_embedding.weight"]
         positions = weights["text_model.embeddings.position_embedding.weight"].shape[0]
-        tokenizer = _tokenizer_for(checkpoint.path, tokens.shape[0], positions)
+        tokenizer = tokenizer_for_vocabulary(checkpoint.path, tokens.shape[0], positions)
         config = CLIPTextConfig(**text_encoder_config(weights, tokenizer))
     except (KeyError, IndexError) as error:
         raise _shape_error(checkpoint.path, "text encoder", error) from error

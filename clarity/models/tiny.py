@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from clarity.models.clip_tokenizers import byte_level_tokenizer
+from clarity.models.tiny_marker import TINY_MARKER
+
 #: Widths of the four UNet/ControlNet levels; SD1.5 uses (320, 640, 1280, 1280).
 _UNET_WIDTHS = (16, 16, 32, 32)
 #: Widths of the four VAE levels; SD1.5 uses (128, 256, 512, 512).
@@ -30,21 +33,6 @@ _SCHEDULER_CONFIG = {
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
 }
-
-
-def byte_level_tokenizer():
-    """A CLIP tokenizer whose BPE vocabulary has no merges: every byte is its own token.
-
-    A stand-in for the 49408-token CLIP vocabulary that keeps the tiny text encoder's embedding
-    small; it loads through the same `CLIPTokenizer` class and tokenises any text, one token per byte.
-    """
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    byte_chars = sorted(ByteLevel.alphabet())
-    tokens = ["<|startoftext|>", "<|endoftext|>", *byte_chars, *(c + "</w>" for c in byte_chars)]
-    # Without model_max_length the pipeline would pad prompts to an effectively unlimited length.
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 #: The tiny VAE after a few minutes of training (see train_tiny_vae.py), shipped with the package.
@@ -166,10 +154,6 @@ def build_tiny_pipeline(seed: int = 0):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-#: Marker file that names a weights folder as the tiny test model wherever it is loaded.
-TINY_MARKER = "CLARITY_TINY_MODEL"
 
 
 #: The formats `save_tiny_weights` can write: the diffusers folder layout, and single files in the
