@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args)
         if args.command == "weights" and args.weights_command == "tiny":
-            from clarity.models.tiny import FORMATS, save_tiny_weights
+            from clarity.testing.tiny import FORMATS, save_tiny_weights
 
             save_tiny_weights(args.folder, formats=FORMATS if args.format == "all" else (args.format,))
             print(f"wrote the tiny test model ({args.format}) to {args.folder}")

@@ -55,7 +55,7 @@ def test_a_model_folder_is_one_model_named_clarity_upscaler(tiny_weights):
 
 def test_a_model_folder_may_hold_its_extras(tiny_weights, tmp_path):
     """`clarity weights tiny --format extras` puts a LoRA, an embedding, an ESRGAN and a checker beside the model."""
-    from clarity.models.tiny import save_tiny_weights
+    from clarity.testing.tiny import save_tiny_weights
 
     folder = copy_model(tiny_weights, tmp_path / "tiny")
     save_tiny_weights(folder, formats=("extras",))
@@ -193,7 +193,7 @@ def test_upscale_picks_the_model_by_id(root, tmp_path, capsys):
 def test_extras_beside_a_model_reach_the_engine(tiny_weights, tmp_path):
     """The catalogue's folders are the ones prompts, `upscaler` and the safety checker use."""
     from clarity import Upscaler
-    from clarity.models.tiny import save_tiny_weights
+    from clarity.testing.tiny import save_tiny_weights
 
     folder = copy_model(tiny_weights, tmp_path / "tiny")
     save_tiny_weights(folder, formats=("extras",))

@@ -6,9 +6,10 @@ import pytest
 from fastapi import HTTPException
 
 from clarity import Upscaler
-from clarity.engine.safety import SafetyChecker, save_tiny_safety_checker
+from clarity.engine.safety import SafetyChecker
 from clarity.errors import ContentPolicyError, ParamError
 from clarity.params import UpscaleParams
+from clarity.testing.fixtures import save_tiny_safety_checker
 from tests.conftest import FAST, make_test_image
 
 

@@ -15,7 +15,8 @@ from clarity.errors import WeightsError
 from clarity.models import single_file
 from clarity.models.clip_tokenizers import clip_tokenizer
 from clarity.models.loading import ModelSource, check_source, load_components
-from clarity.models.tiny import EXTRA_FILES, FORMATS, SINGLE_FILES, save_tiny_weights
+from clarity.testing import ldm_writer
+from clarity.testing.tiny import EXTRA_FILES, FORMATS, SINGLE_FILES, save_tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -138,19 +139,19 @@ def _meta_model(name: str):
 def test_real_sd15_shapes_give_back_the_shipped_configs():
     """The shape-derived fields reproduce SD1.5's own configs, so real checkpoints get SD1.5's models."""
     shipped = single_file.shipped_config
-    unet = single_file.unet_to_ldm(_meta_model("unet"))
+    unet = ldm_writer.unet_to_ldm(_meta_model("unet"))
     derived = single_file.unet_config(
         {key.removeprefix(single_file.UNET_PREFIX): value for key, value in unet.items()}
     )
     assert {key: derived[key] for key in shipped("unet")} == shipped("unet")
-    controlnet = single_file.controlnet_to_ldm(_meta_model("controlnet"))
+    controlnet = ldm_writer.controlnet_to_ldm(_meta_model("controlnet"))
     derived = single_file.controlnet_config(
         {key.removeprefix(single_file.CONTROLNET_PREFIX): value for key, value in controlnet.items()}
     )
     assert {key: derived[key] for key in shipped("controlnet")} == shipped("controlnet")
-    derived = single_file.vae_config(single_file.vae_to_ldm(_meta_model("vae")), metadata={})
+    derived = single_file.vae_config(ldm_writer.vae_to_ldm(_meta_model("vae")), metadata={})
     assert {key: derived[key] for key in shipped("vae")} == shipped("vae")
-    text = single_file.text_encoder_to_ldm(_meta_model("text_encoder"))
+    text = ldm_writer.text_encoder_to_ldm(_meta_model("text_encoder"))
     derived = single_file.text_encoder_config(
         {key.removeprefix(single_file.TEXT_PREFIX): value for key, value in text.items()}, clip_tokenizer()
     )

@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 
 from clarity.models.clip_tokenizers import byte_level_tokenizer
+from clarity.models.single_file import SCALING_FACTOR_KEY, VAE_PREFIX
 from clarity.models.tiny_marker import TINY_MARKER
+from clarity.testing.adapters import save_tiny_embedding, save_tiny_lora
+from clarity.testing.fixtures import save_tiny_esrgan, save_tiny_safety_checker
+from clarity.testing.ldm_writer import controlnet_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 
 #: Widths of the four UNet/ControlNet levels; SD1.5 uses (320, 640, 1280, 1280).
 _UNET_WIDTHS = (16, 16, 32, 32)
@@ -206,10 +210,6 @@ def save_tiny_weights(folder: str | Path, seed: int = 0, formats: tuple[str, ...
 
 
 def _save_extras(pipeline, folder: Path, seed: int) -> None:
-    from clarity.engine.esrgan import save_tiny_esrgan
-    from clarity.engine.safety import save_tiny_safety_checker
-    from clarity.models.tiny_adapters import save_tiny_embedding, save_tiny_lora
-
     save_tiny_lora(folder / EXTRA_FILES["lora"], pipeline, seed=seed)
     save_tiny_embedding(folder / EXTRA_FILES["embedding"], pipeline.text_encoder.config.hidden_size, seed=seed)
     save_tiny_esrgan(folder / EXTRA_FILES["upscaler"], seed=seed)
@@ -218,15 +218,6 @@ def _save_extras(pipeline, folder: Path, seed: int) -> None:
 
 def _save_single_files(pipeline, folder: Path) -> None:
     from safetensors.torch import save_file
-
-    from clarity.models.single_file import (
-        SCALING_FACTOR_KEY,
-        VAE_PREFIX,
-        controlnet_to_ldm,
-        text_encoder_to_ldm,
-        unet_to_ldm,
-        vae_to_ldm,
-    )
 
     # The trained tiny VAE's scaling factor is not SD1.5's and not in its weights: record it.
     metadata = {TINY_MARKER: "1", SCALING_FACTOR_KEY: repr(pipeline.vae.config.scaling_factor)}
