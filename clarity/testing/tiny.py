@@ -75,24 +75,12 @@ def build_tiny_vae(seed: int = 0, trained: bool = True):
     return vae
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Build the tiny SD1.5-shaped `StableDiffusionControlNetImg2ImgPipeline` in memory.
-
-    Deterministic for a given seed: every component is initialised right after
-    `torch.manual_seed`, so two builds have identical weights.
-    """
-    from diffusers import (
-        ControlNetModel,
-        PNDMScheduler,
-        StableDiffusionControlNetImg2ImgPipeline,
-        UNet2DConditionModel,
-    )
+def build_tiny_text_encoder(tokenizer, seed: int = 0):
+    """The tiny CLIP `CLIPTextModel`: 2 layers of width 32 over `tokenizer`'s (byte-level) vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = byte_level_tokenizer()
-
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=_TEXT_WIDTH,
@@ -108,8 +96,13 @@ def build_tiny_pipeline(seed: int = 0):
         )
     )
 
+
+def build_tiny_unet(seed: int = 0):
+    """The tiny SD1.5-shaped `UNet2DConditionModel`: cross-attention at the first three of four levels."""
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -123,6 +116,11 @@ def build_tiny_pipeline(seed: int = 0):
         attention_head_dim=8,
         norm_num_groups=8,
     )
+
+
+def build_tiny_controlnet(seed: int = 0):
+    """The tiny ControlNet-tile-shaped `ControlNetModel`, its zero convolutions made non-zero."""
+    from diffusers import ControlNetModel
 
     torch.manual_seed(seed + 2)
     controlnet = ControlNetModel(
@@ -143,15 +141,24 @@ def build_tiny_pipeline(seed: int = 0):
         for conv in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
             torch.nn.init.normal_(conv.weight, std=0.3)
             torch.nn.init.zeros_(conv.bias)
+    return controlnet
 
-    vae = build_tiny_vae(seed)
 
+def build_tiny_pipeline(seed: int = 0):
+    """Build the tiny SD1.5-shaped `StableDiffusionControlNetImg2ImgPipeline` in memory.
+
+    Deterministic for a given seed: each component builder seeds torch with its own offset of
+    `seed` right before initialising, so two builds have identical weights.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionControlNetImg2ImgPipeline
+
+    tokenizer = byte_level_tokenizer()
     return StableDiffusionControlNetImg2ImgPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=build_tiny_vae(seed),
+        text_encoder=build_tiny_text_encoder(tokenizer, seed),
         tokenizer=tokenizer,
-        unet=unet,
-        controlnet=controlnet,
+        unet=build_tiny_unet(seed),
+        controlnet=build_tiny_controlnet(seed),
         # from_config keeps SD1.5's DDIM-only keys in the saved config, as in real weights.
         scheduler=PNDMScheduler.from_config(_SCHEDULER_CONFIG),
         safety_checker=None,
