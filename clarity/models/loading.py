@@ -3,8 +3,8 @@
 A model is described by a `ModelSource`: a base checkpoint, plus the ControlNet and an optional
 VAE override. Each may be a folder in the diffusers layout or a single file in the original
 Stable Diffusion format (`.safetensors`, or a `.ckpt`/`.pth`/`.pt` pickle read with
-`weights_only=True`; see single_file.py). A diffusers base folder may hold the ControlNet
-beside the other parts:
+`weights_only=True`; see single_file.py and single_file_components.py). A diffusers base
+folder may hold the ControlNet beside the other parts:
 
     <folder>/unet/  vae/  text_encoder/  tokenizer/  scheduler/  [controlnet/]
 
@@ -163,7 +163,7 @@ def load_components(
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from clarity.models import single_file
+    from clarity.models import single_file, single_file_components
 
     source = check_source(source)
     base = source.base
@@ -176,11 +176,11 @@ def load_components(
     if _is_file_source(base):
         checkpoint = single_file.read_checkpoint(base, "SD1.5 checkpoint")
         single_file.check_base_keys(base, list(checkpoint.tensors), vae_override=source.vae is not None)
-        unet = single_file.load_unet(checkpoint, dtype)
-        text_encoder, tokenizer = single_file.load_text_encoder_and_tokenizer(checkpoint, dtype)
-        scheduler_config = single_file.scheduler_config()
+        unet = single_file_components.load_unet(checkpoint, dtype)
+        text_encoder, tokenizer = single_file_components.load_text_encoder_and_tokenizer(checkpoint, dtype)
+        scheduler_config = single_file_components.scheduler_config()
         is_tiny = TINY_MARKER in checkpoint.metadata
-        vae = single_file.load_vae(checkpoint) if source.vae is None else None
+        vae = single_file_components.load_vae(checkpoint) if source.vae is None else None
         del checkpoint  # the tensors now live in the models; a real checkpoint is gigabytes
     else:
         unet = _load_folder_part(
@@ -205,7 +205,7 @@ def load_components(
             "controlnet", controlnet_path, lambda p: ControlNetModel.from_pretrained(p, torch_dtype=dtype, **common)
         )
     else:
-        controlnet = single_file.load_controlnet(
+        controlnet = single_file_components.load_controlnet(
             single_file.read_checkpoint(controlnet_path, "ControlNet tile"), dtype
         )
     if vae is None:
@@ -215,7 +215,7 @@ def load_components(
                 "vae", vae_path, lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=torch.float32, **common)
             )
         else:
-            vae = single_file.load_vae(single_file.read_checkpoint(vae_path, "VAE"))
+            vae = single_file_components.load_vae(single_file.read_checkpoint(vae_path, "VAE"))
 
     for module in (unet, controlnet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)

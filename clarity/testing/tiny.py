@@ -60,8 +60,8 @@ def build_tiny_vae(seed: int = 0, trained: bool = True):
         block_out_channels=_VAE_WIDTHS,
         layers_per_block=2,
         latent_channels=4,
-        # Half the narrowest width: the rule single-file loading assumes (GroupNorm groups are not
-        # in the weights; single_file._norm_groups gives 32 for SD1.5 and this for the tiny model).
+        # Half the narrowest width: the rule single-file loading assumes (GroupNorm groups are not in the
+        # weights; single_file_components._norm_groups gives 32 for SD1.5 and this for the tiny model).
         norm_num_groups=4,
         sample_size=64,
         scaling_factor=0.18215,
@@ -86,8 +86,8 @@ def build_tiny_text_encoder(tokenizer, seed: int = 0):
             hidden_size=_TEXT_WIDTH,
             intermediate_size=2 * _TEXT_WIDTH,
             num_hidden_layers=2,
-            # Two heads of half the width: the rule single-file loading assumes (head counts are not
-            # in the weights; single_file.text_encoder_config gives 12 for SD1.5 and this here).
+            # Two heads of half the width: the rule single-file loading assumes (head counts are not in
+            # the weights; single_file_components.text_encoder_config gives 12 for SD1.5 and this here).
             num_attention_heads=2,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
@@ -111,8 +111,8 @@ def build_tiny_unet(seed: int = 0):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=_TEXT_WIDTH,
-        # SD1.5's 8 heads per attention layer, and half the narrowest width as GroupNorm groups:
-        # neither is in the weights, and single-file loading assumes these (single_file.unet_config).
+        # SD1.5's 8 heads per attention layer, and half the narrowest width as GroupNorm groups: neither
+        # is in the weights, and single-file loading assumes these (single_file_components.unet_config).
         attention_head_dim=8,
         norm_num_groups=8,
     )
