@@ -278,7 +278,8 @@ def _remote_producer(args: argparse.Namespace, params: UpscaleParams):
 
 
 def _weights_list(args: argparse.Namespace) -> int:
-    from clarity.models.catalogue import Catalogue, inspect_weights
+    from clarity.models.catalogue import Catalogue
+    from clarity.models.inspection import inspect_weights
 
     catalogue = Catalogue.discover(args.weights)
     entries = inspect_weights(catalogue, load=args.check)

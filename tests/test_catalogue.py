@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from clarity.cli import main
 from clarity.errors import ParamError, WeightsError
-from clarity.models.catalogue import Catalogue, inspect_weights, upscaler_kwargs
+from clarity.models.catalogue import Catalogue, upscaler_kwargs
+from clarity.models.inspection import inspect_weights
 from clarity.models.loading import ModelSource
 
 #: The parts of a model folder that are the checkpoint itself (no ControlNet, no VAE).
