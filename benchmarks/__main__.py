@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from clarity import Upscaler
-    from clarity.models.tiny import save_tiny_weights
+    from clarity.testing.tiny import save_tiny_weights
 
     with tempfile.TemporaryDirectory() as scratch:
         weights = args.weights or save_tiny_weights(Path(scratch) / "tiny")

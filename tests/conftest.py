@@ -1,6 +1,6 @@
 """Shared fixtures: the tiny SD-shaped model, written and loaded once per test session.
 
-Every test runs on the tiny random model (see clarity/models/tiny.py), saved to disk and
+Every test runs on the tiny random model (see clarity/testing/tiny.py), saved to disk and
 loaded back through the same loader as real weights, with no network.
 """
 
@@ -31,7 +31,7 @@ FAST = {"num_inference_steps": 4, "creativity": 0.5}
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
-    from clarity.models.tiny import save_tiny_weights
+    from clarity.testing.tiny import save_tiny_weights
 
     return save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny")
 

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from clarity.cli import main
 from clarity.errors import ParamError, WeightsError
-from clarity.models.catalogue import Catalogue, inspect_weights, upscaler_kwargs
+from clarity.models.catalogue import Catalogue, upscaler_kwargs
+from clarity.models.inspection import inspect_weights
 from clarity.models.loading import ModelSource
 
 #: The parts of a model folder that are the checkpoint itself (no ControlNet, no VAE).
@@ -55,7 +56,7 @@ def test_a_model_folder_is_one_model_named_clarity_upscaler(tiny_weights):
 
 def test_a_model_folder_may_hold_its_extras(tiny_weights, tmp_path):
     """`clarity weights tiny --format extras` puts a LoRA, an embedding, an ESRGAN and a checker beside the model."""
-    from clarity.models.tiny import save_tiny_weights
+    from clarity.testing.tiny import save_tiny_weights
 
     folder = copy_model(tiny_weights, tmp_path / "tiny")
     save_tiny_weights(folder, formats=("extras",))
@@ -193,7 +194,7 @@ def test_upscale_picks_the_model_by_id(root, tmp_path, capsys):
 def test_extras_beside_a_model_reach_the_engine(tiny_weights, tmp_path):
     """The catalogue's folders are the ones prompts, `upscaler` and the safety checker use."""
     from clarity import Upscaler
-    from clarity.models.tiny import save_tiny_weights
+    from clarity.testing.tiny import save_tiny_weights
 
     folder = copy_model(tiny_weights, tmp_path / "tiny")
     save_tiny_weights(folder, formats=("extras",))

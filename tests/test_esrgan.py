@@ -8,15 +8,10 @@ import torch
 from PIL import Image
 
 from clarity import Upscaler
-from clarity.engine.esrgan import (
-    ESRGANPreUpscaler,
-    RRDBNet,
-    RRDBNetShape,
-    load_esrgan,
-    save_tiny_esrgan,
-)
+from clarity.engine.esrgan import ESRGANPreUpscaler, RRDBNet, RRDBNetShape, load_esrgan
 from clarity.engine.preupscale import PreUpscalerRegistry
 from clarity.errors import ParamError, WeightsError
+from clarity.testing.fixtures import save_tiny_esrgan
 from tests.conftest import FAST, make_test_image
 
 

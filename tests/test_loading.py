@@ -9,7 +9,7 @@ import torch
 
 from clarity.errors import WeightsError
 from clarity.models.loading import ModelSource, load_components
-from clarity.models.tiny import build_tiny_pipeline
+from clarity.testing.tiny import build_tiny_pipeline
 
 
 def test_saved_tiny_model_loads_back_identically(tiny_weights):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from clarity import ParamError, Upscaler
 from clarity.engine.prompts import parse_weighting, split_lora_tags
 from clarity.errors import WeightsError
-from clarity.models.tiny_adapters import save_tiny_embedding, save_tiny_lora
+from clarity.testing.adapters import save_tiny_embedding, save_tiny_lora
 
 #: A small fast upscale whose output the prompt visibly steers (colour fix off: it would mask it).
 RUN = {"color_fix": "none", **FAST}

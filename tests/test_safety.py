@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from clarity import Upscaler
-from clarity.engine.safety import SafetyChecker, save_tiny_safety_checker
+from clarity.engine.safety import SafetyChecker
 from clarity.errors import ContentPolicyError, ParamError
 from clarity.params import UpscaleParams
+from clarity.testing.fixtures import save_tiny_safety_checker
 from tests.conftest import FAST, edit_handler, make_test_image
 
 

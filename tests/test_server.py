@@ -386,7 +386,7 @@ def test_an_upscale_over_the_compute_budget_is_stopped_with_a_504(tiny_weights, 
 @pytest.fixture(scope="module")
 def weights_root(tiny_weights, tmp_path_factory):
     """A weights root with two different tiny models: the default (linked in) and `other` (another seed)."""
-    from clarity.models.tiny import save_tiny_weights
+    from clarity.testing.tiny import save_tiny_weights
 
     root = tmp_path_factory.mktemp("root")
     (root / "models").mkdir()

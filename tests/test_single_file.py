@@ -12,9 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from clarity.cli import main
 from clarity.errors import WeightsError
-from clarity.models import single_file
+from clarity.models import single_file, single_file_components
+from clarity.models.clip_tokenizers import clip_tokenizer
 from clarity.models.loading import ModelSource, check_source, load_components
-from clarity.models.tiny import EXTRA_FILES, FORMATS, SINGLE_FILES, save_tiny_weights
+from clarity.testing import ldm_writer
+from clarity.testing.tiny import EXTRA_FILES, FORMATS, SINGLE_FILES, save_tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def _meta_model(name: str):
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = single_file.shipped_config(name)
+    config = single_file_components.shipped_config(name)
     with torch.device("meta"):
         if name == "text_encoder":
             return CLIPTextModel(CLIPTextConfig(**config))
@@ -136,22 +138,22 @@ def _meta_model(name: str):
 
 def test_real_sd15_shapes_give_back_the_shipped_configs():
     """The shape-derived fields reproduce SD1.5's own configs, so real checkpoints get SD1.5's models."""
-    shipped = single_file.shipped_config
-    unet = single_file.unet_to_ldm(_meta_model("unet"))
-    derived = single_file.unet_config(
+    shipped = single_file_components.shipped_config
+    unet = ldm_writer.unet_to_ldm(_meta_model("unet"))
+    derived = single_file_components.unet_config(
         {key.removeprefix(single_file.UNET_PREFIX): value for key, value in unet.items()}
     )
     assert {key: derived[key] for key in shipped("unet")} == shipped("unet")
-    controlnet = single_file.controlnet_to_ldm(_meta_model("controlnet"))
-    derived = single_file.controlnet_config(
+    controlnet = ldm_writer.controlnet_to_ldm(_meta_model("controlnet"))
+    derived = single_file_components.controlnet_config(
         {key.removeprefix(single_file.CONTROLNET_PREFIX): value for key, value in controlnet.items()}
     )
     assert {key: derived[key] for key in shipped("controlnet")} == shipped("controlnet")
-    derived = single_file.vae_config(single_file.vae_to_ldm(_meta_model("vae")), metadata={})
+    derived = single_file_components.vae_config(ldm_writer.vae_to_ldm(_meta_model("vae")), metadata={})
     assert {key: derived[key] for key in shipped("vae")} == shipped("vae")
-    text = single_file.text_encoder_to_ldm(_meta_model("text_encoder"))
-    derived = single_file.text_encoder_config(
-        {key.removeprefix(single_file.TEXT_PREFIX): value for key, value in text.items()}, single_file.clip_tokenizer()
+    text = ldm_writer.text_encoder_to_ldm(_meta_model("text_encoder"))
+    derived = single_file_components.text_encoder_config(
+        {key.removeprefix(single_file.TEXT_PREFIX): value for key, value in text.items()}, clip_tokenizer()
     )
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings"):
@@ -169,7 +171,7 @@ def test_real_sd15_shapes_give_back_the_shipped_configs():
     ],
 )
 def test_shipped_clip_tokenizer_gives_the_real_token_ids(text, ids):
-    tokenizer = single_file.clip_tokenizer()
+    tokenizer = clip_tokenizer()
     assert len(tokenizer) == 49408
     assert tokenizer(text).input_ids == ids
 

@@ -1,6 +1,6 @@
 """Tiled VAE: matches the untiled VAE, has no tone steps at tile borders, and bounds memory.
 
-These run on the tiny model's VAE, which is trained (see clarity/models/train_tiny_vae.py):
+These run on the tiny model's VAE, which is trained (see clarity/testing/train_tiny_vae.py):
 a random VAE is no autoencoder, and tiling statements about it would mean nothing.
 """
 

@@ -44,7 +44,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from clarity.models.catalogue import Catalogue, inspect_weights
+    from clarity.models.catalogue import Catalogue
+    from clarity.models.inspection import inspect_weights
 
     catalogue = Catalogue.discover(args.weights)
     entries = inspect_weights(catalogue, load=args.check)
@@ -79,7 +80,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_tiny(args: argparse.Namespace) -> int:
-    from clarity.models.tiny import FORMATS, save_tiny_weights
+    from clarity.testing.tiny import FORMATS, save_tiny_weights
 
     save_tiny_weights(args.folder, formats=FORMATS if args.format == "all" else (args.format,))
     print(f"wrote the tiny test model ({args.format}) to {args.folder}")

@@ -3,8 +3,8 @@
 A model is described by a `ModelSource`: a base checkpoint, plus the ControlNet and an optional
 VAE override. Each may be a folder in the diffusers layout or a single file in the original
 Stable Diffusion format (`.safetensors`, or a `.ckpt`/`.pth`/`.pt` pickle read with
-`weights_only=True`; see single_file.py). A diffusers base folder may hold the ControlNet
-beside the other parts:
+`weights_only=True`; see single_file.py and single_file_components.py). A diffusers base
+folder may hold the ControlNet beside the other parts:
 
     <folder>/unet/  vae/  text_encoder/  tokenizer/  scheduler/  [controlnet/]
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from clarity.errors import WeightsError
-from clarity.models.tiny import TINY_MARKER
+from clarity.models import single_file, single_file_components
+from clarity.models.tiny_marker import TINY_MARKER
 
 #: Subfolders a diffusers model folder must have, and what goes in each.
 REQUIRED_PARTS: dict[str, str] = {
@@ -32,7 +33,6 @@ REQUIRED_PARTS: dict[str, str] = {
     "scheduler": "the scheduler config (its noise schedule)",
     "controlnet": "ControlNet tile (control_v11f1e_sd15_tile)",
 }
-
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,7 @@ class ModelSource:
 
 
 def _is_file_source(path: Path) -> bool:
-    from clarity.models.single_file import is_single_file
-
-    return path.is_file() or is_single_file(path)
+    return path.is_file() or single_file.is_single_file(path)
 
 
 @dataclass
@@ -101,8 +99,6 @@ def check_source(source: ModelSource | str | Path) -> ModelSource:
 
     Cheap: single-file safetensors are checked from their header (key names) only.
     """
-    from clarity.models import single_file
-
     source = ModelSource.of(source)
     base = source.base
     if _is_file_source(base):
@@ -144,7 +140,6 @@ def check_source(source: ModelSource | str | Path) -> ModelSource:
     return source
 
 
-
 def _load_folder_part(part: str, path: Path, loader):
     try:
         return loader(path)
@@ -159,73 +154,112 @@ def load_components(
 
     The VAE stays in float32 whatever `dtype` is: SD1.5's VAE overflows to NaN in float16.
     """
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from clarity.models import single_file
-
     source = check_source(source)
-    base = source.base
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    common = {"local_files_only": True}
     # transformers draws a progress bar per loaded model: noise in server logs and CLI output.
     transformers_logging.disable_progress_bar()
 
-    if _is_file_source(base):
-        checkpoint = single_file.read_checkpoint(base, "SD1.5 checkpoint")
-        single_file.check_base_keys(base, list(checkpoint.tensors), vae_override=source.vae is not None)
-        unet = single_file.load_unet(checkpoint, dtype)
-        text_encoder, tokenizer = single_file.load_text_encoder_and_tokenizer(checkpoint, dtype)
-        scheduler_config = single_file.scheduler_config()
-        is_tiny = TINY_MARKER in checkpoint.metadata
-        vae = single_file.load_vae(checkpoint) if source.vae is None else None
-        del checkpoint  # the tensors now live in the models; a real checkpoint is gigabytes
+    if _is_file_source(source.base):
+        base = _load_single_file_base(source, dtype)
     else:
-        unet = _load_folder_part(
-            "unet", base / "unet", lambda p: UNet2DConditionModel.from_pretrained(p, torch_dtype=dtype, **common)
-        )
-        text_encoder = _load_folder_part(
-            "text_encoder", base / "text_encoder", lambda p: CLIPTextModel.from_pretrained(p, dtype=dtype, **common)
-        )
-        tokenizer = _load_folder_part(
-            "tokenizer", base / "tokenizer", lambda p: CLIPTokenizer.from_pretrained(p, **common)
-        )
-        # Only the config is kept: each run builds a fresh scheduler of the requested kind from it.
-        scheduler_config = _load_folder_part(
-            "scheduler", base / "scheduler", lambda p: dict(DDIMScheduler.load_config(p, **common))
-        )
-        is_tiny = (base / TINY_MARKER).exists()
-        vae = None
+        base = _load_folder_base(source.base, dtype)
+    controlnet = _load_controlnet(source.controlnet_path, dtype)
+    vae = base.vae if base.vae is not None else _load_vae(source.vae_path)
 
-    controlnet_path = source.controlnet_path
-    if controlnet_path.is_dir():
-        controlnet = _load_folder_part(
-            "controlnet", controlnet_path, lambda p: ControlNetModel.from_pretrained(p, torch_dtype=dtype, **common)
-        )
-    else:
-        controlnet = single_file.load_controlnet(
-            single_file.read_checkpoint(controlnet_path, "ControlNet tile"), dtype
-        )
-    if vae is None:
-        vae_path = source.vae_path
-        if vae_path.is_dir():
-            vae = _load_folder_part(
-                "vae", vae_path, lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=torch.float32, **common)
-            )
-        else:
-            vae = single_file.load_vae(single_file.read_checkpoint(vae_path, "VAE"))
-
-    for module in (unet, controlnet, vae, text_encoder):
+    for module in (base.unet, controlnet, vae, base.text_encoder):
         module.to(device).eval().requires_grad_(False)
     return ModelComponents(
         vae=vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        controlnet=controlnet,
+        scheduler_config=base.scheduler_config,
+        source=source.base,
+        is_tiny=base.is_tiny,
+    )
+
+
+@dataclass
+class _BaseParts:
+    """What the base checkpoint provides: every part but the ControlNet, and the VAE when it is read with them."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    is_tiny: bool
+    #: The VAE of a single-file base without a VAE override; None when the VAE comes from its own folder or file.
+    vae: torch.nn.Module | None = None
+
+
+def _load_single_file_base(source: ModelSource, dtype: torch.dtype) -> _BaseParts:
+    """The parts of a single-file base: UNet, text encoder and (unless overridden) VAE from one checkpoint.
+
+    Its tokenizer and noise schedule are SD1.5's, shipped in the package. The checkpoint itself is
+    dropped on return: a real one is gigabytes, and only the models keep its tensors.
+    """
+    checkpoint = single_file.read_checkpoint(source.base, "SD1.5 checkpoint")
+    single_file.check_base_keys(source.base, list(checkpoint.tensors), vae_override=source.vae is not None)
+    unet = single_file_components.load_unet(checkpoint, dtype)
+    text_encoder, tokenizer = single_file_components.load_text_encoder_and_tokenizer(checkpoint, dtype)
+    return _BaseParts(
+        unet=unet,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet,
-        controlnet=controlnet,
-        scheduler_config=scheduler_config,
-        source=base,
-        is_tiny=is_tiny,
+        scheduler_config=single_file_components.scheduler_config(),
+        is_tiny=TINY_MARKER in checkpoint.metadata,
+        vae=single_file_components.load_vae(checkpoint) if source.vae is None else None,
     )
+
+
+def _load_folder_base(base: Path, dtype: torch.dtype) -> _BaseParts:
+    """The parts of a diffusers base folder, each from its subfolder; the VAE is loaded apart (it may be overridden)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return _BaseParts(
+        unet=_load_folder_part(
+            "unet",
+            base / "unet",
+            lambda p: UNet2DConditionModel.from_pretrained(p, torch_dtype=dtype, local_files_only=True),
+        ),
+        text_encoder=_load_folder_part(
+            "text_encoder",
+            base / "text_encoder",
+            lambda p: CLIPTextModel.from_pretrained(p, dtype=dtype, local_files_only=True),
+        ),
+        tokenizer=_load_folder_part(
+            "tokenizer", base / "tokenizer", lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True)
+        ),
+        # Only the config is kept: each run builds a fresh scheduler of the requested kind from it.
+        scheduler_config=_load_folder_part(
+            "scheduler", base / "scheduler", lambda p: dict(DDIMScheduler.load_config(p, local_files_only=True))
+        ),
+        is_tiny=(base / TINY_MARKER).exists(),
+    )
+
+
+def _load_controlnet(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The ControlNet from a diffusers folder or an original-format file."""
+    from diffusers import ControlNetModel
+
+    if path.is_dir():
+        return _load_folder_part(
+            "controlnet", path, lambda p: ControlNetModel.from_pretrained(p, torch_dtype=dtype, local_files_only=True)
+        )
+    return single_file_components.load_controlnet(single_file.read_checkpoint(path, "ControlNet tile"), dtype)
+
+
+def _load_vae(path: Path) -> torch.nn.Module:
+    """The VAE from a diffusers folder or an original-format file, in float32 (see `load_components`)."""
+    from diffusers import AutoencoderKL
+
+    if path.is_dir():
+        return _load_folder_part(
+            "vae", path, lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=torch.float32, local_files_only=True)
+        )
+    return single_file_components.load_vae(single_file.read_checkpoint(path, "VAE"))

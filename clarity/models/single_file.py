@@ -1,4 +1,4 @@
-"""Single-file checkpoints in the original Stable Diffusion (LDM) format: read, recognise, convert, write.
+"""Single-file checkpoints in the original Stable Diffusion (LDM) format: reading them, recognising what they hold.
 
 Studios keep SD1.5 models as one file (`juggernaut_reborn.safetensors`, sometimes a `.ckpt`
 pickle) with the original key names: `model.diffusion_model.*` (UNet), `first_stage_model.*`
@@ -6,26 +6,16 @@ pickle) with the original key names: `model.diffusion_model.*` (UNet), `first_st
 `control_v11f1e_sd15_tile.pth` (`control_model.*`); VAE overrides as
 `vae-ft-mse-840000-ema-pruned.safetensors` (LDM VAE keys, with or without `first_stage_model.`).
 
-Such files hold weights only. The configs come from the SD1.5 configs shipped in `configs/`,
-with every field that tensor shapes determine (widths, depths, channels, vocabulary) read from
-the checkpoint itself, so one loader serves real checkpoints and the tiny test model alike.
-Keys are converted with diffusers' own converters (`diffusers.loaders.single_file_utils`),
-called directly on the state dict: unlike `from_single_file`, nothing here can reach a hub.
-
-The reverse direction (diffusers → LDM names) is here too, for writing the tiny model in these
-formats; diffusers ships it only as a script (`scripts/convert_diffusers_to_original_stable_diffusion.py`),
-whose tables the `*_to_ldm` functions follow, generalised from SD1.5's fixed depths.
+Such files hold weights only, under these prefixes. Reading a header or a whole file, and telling
+from the key names whether a file is the part it should be (and if not, what it is instead),
+are here; building the diffusers models from the tensors is in `single_file_components.py`.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import pickle
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -34,7 +24,6 @@ from clarity.errors import WeightsError
 
 #: File suffixes read as single-file checkpoints; the pickled ones load with `weights_only=True`.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt")
-CONFIGS = Path(__file__).with_name("configs")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -44,9 +33,6 @@ CONTROLNET_PREFIX = "control_model."
 #: latent scaling factor. It is not in the weights; SD1.5 VAEs all use the default 0.18215, the
 #: tiny test model's trained VAE does not, so its writer records it here.
 SCALING_FACTOR_KEY = "scaling_factor"
-SD15_SCALING_FACTOR = 0.18215
-#: Vocabulary size of CLIP ViT-L/14's tokenizer, SD1.5's.
-CLIP_VOCAB_SIZE = 49408
 
 
 def is_single_file(path: Path) -> bool:
@@ -133,29 +119,30 @@ def read_checkpoint(path: Path, what: str) -> Checkpoint:
 # --- What a checkpoint holds ---------------------------------------------------------------
 
 
-def _has(keys: Iterable[str], prefix: str) -> bool:
+def has_prefix(keys: Iterable[str], prefix: str) -> bool:
+    """Whether any of `keys` starts with `prefix`."""
     return any(key.startswith(prefix) for key in keys)
 
 
 def check_base_keys(path: Path, keys: list[str], vae_override: bool) -> None:
     """Raise `WeightsError` unless `keys` are those of a complete SD1.5 single-file checkpoint."""
-    if _has(keys, "conditioner.embedders.") or _has(keys, UNET_PREFIX + "label_emb."):
+    if has_prefix(keys, "conditioner.embedders.") or has_prefix(keys, UNET_PREFIX + "label_emb."):
         raise WeightsError(f"{path} is an SDXL checkpoint; Clarity needs an SD1.5-family checkpoint.")
-    if _has(keys, "cond_stage_model.model."):
+    if has_prefix(keys, "cond_stage_model.model."):
         raise WeightsError(
             f"{path} is an SD2.x checkpoint (OpenCLIP text encoder); Clarity needs an SD1.5-family checkpoint."
         )
-    if not _has(keys, UNET_PREFIX):
+    if not has_prefix(keys, UNET_PREFIX):
         raise WeightsError(
             f"{path} is not an SD1.5 checkpoint: it has no UNet weights ({UNET_PREFIX}*)."
             f" Expected a single-file Stable Diffusion 1.5 model such as a Civitai .safetensors."
         )
-    if not _has(keys, TEXT_PREFIX):
+    if not has_prefix(keys, TEXT_PREFIX):
         raise WeightsError(
             f"{path} has no CLIP text encoder ({TEXT_PREFIX}*): it is UNet-only. Use a full SD1.5 checkpoint"
             f" (UNet, VAE and text encoder) or a diffusers folder."
         )
-    if not vae_override and not _has(keys, VAE_PREFIX):
+    if not vae_override and not has_prefix(keys, VAE_PREFIX):
         raise WeightsError(
             f"{path} has no VAE ({VAE_PREFIX}*). Add a VAE override (the `vae` of the model source), e.g."
             f" vae-ft-mse-840000-ema-pruned.safetensors."
@@ -174,398 +161,8 @@ def check_controlnet_keys(path: Path, keys: list[str]) -> None:
 def check_vae_keys(path: Path, keys: list[str]) -> None:
     """Raise `WeightsError` unless `keys` hold an LDM-format VAE (bare, or under `first_stage_model.`)."""
     stripped = [key.removeprefix(VAE_PREFIX) for key in keys]
-    if not (_has(stripped, "encoder.down.") and _has(stripped, "decoder.up.")):
+    if not (has_prefix(stripped, "encoder.down.") and has_prefix(stripped, "decoder.up.")):
         raise WeightsError(
             f"{path} is not an SD1.5 VAE: expected the original VAE keys (encoder.down.*, decoder.up.*,"
             f" optionally under {VAE_PREFIX}), as in vae-ft-mse-840000-ema-pruned.safetensors."
         )
-
-
-# --- Configs: shipped SD1.5 values, shape-determined fields from the checkpoint ----------
-
-
-def shipped_config(name: str) -> dict:
-    """One of the shipped SD1.5 configs (`unet`, `vae`, `text_encoder`, `scheduler`, `controlnet`)."""
-    return json.loads((CONFIGS / f"{name}.json").read_text())
-
-
-def _indices(keys: Iterable[str], prefix: str) -> list[int]:
-    """The sorted distinct integers that directly follow `prefix` in `keys`."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return sorted({int(match.group(1)) for key in keys if (match := pattern.match(key))})
-
-
-def _norm_groups(widths: list[int]) -> int:
-    # GroupNorm's group count leaves no trace in the weights. SD1.5 uses 32; the tiny model is
-    # built with half its narrowest width (tiny.py), and this rule gives both.
-    return min(32, min(widths) // 2)
-
-
-def _unet_shape_config(weights: dict[str, torch.Tensor]) -> dict:
-    """The UNet config fields that `weights` (LDM names, no prefix) determine."""
-    keys = list(weights)
-    inputs = _indices(keys, "input_blocks.")
-    downsamplers = [i for i in inputs if f"input_blocks.{i}.0.op.weight" in weights]
-    levels = len(downsamplers) + 1
-    layers_per_block = (len(inputs) - 1 - len(downsamplers)) // levels
-    firsts = [1 + level * (layers_per_block + 1) for level in range(levels)]
-    cross_attention = [weights[key] for key in keys if key.endswith("attn2.to_k.weight")]
-    proj_in = [weights[key] for key in keys if key.endswith(".proj_in.weight")]
-    if not cross_attention or not proj_in:
-        raise KeyError("no cross-attention layers")
-    return {
-        "in_channels": weights["input_blocks.0.0.weight"].shape[1],
-        "block_out_channels": [weights[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in firsts],
-        "layers_per_block": layers_per_block,
-        "down_block_types": [
-            "CrossAttnDownBlock2D" if f"input_blocks.{i}.1.proj_in.weight" in weights else "DownBlock2D"
-            for i in firsts
-        ],
-        "cross_attention_dim": cross_attention[0].shape[1],
-        # SD2 projects with linear layers, SD1.5 with 1x1 convolutions.
-        "use_linear_projection": proj_in[0].ndim == 2,
-        "transformer_layers_per_block": len(
-            _indices(keys, next(f"input_blocks.{i}.1.transformer_blocks." for i in firsts
-                                if f"input_blocks.{i}.1.proj_in.weight" in weights))
-        ),
-    }
-
-
-def unet_config(weights: dict[str, torch.Tensor]) -> dict:
-    """The diffusers UNet config for `weights` (LDM names, no prefix): SD1.5's, overlaid with shapes."""
-    config = shipped_config("unet") | _unet_shape_config(weights)
-    levels = len(config["block_out_channels"])
-    lpb = config["layers_per_block"]
-    config["up_block_types"] = [
-        "CrossAttnUpBlock2D" if f"output_blocks.{level * (lpb + 1)}.1.proj_in.weight" in weights else "UpBlock2D"
-        for level in range(levels)
-    ]
-    config["out_channels"] = weights["out.2.weight"].shape[0]
-    config["norm_num_groups"] = _norm_groups(config["block_out_channels"])
-    # attention_head_dim (8 heads per layer in SD1.5) is not in the shapes; the tiny model uses 8 too.
-    return config
-
-
-def controlnet_config(weights: dict[str, torch.Tensor]) -> dict:
-    """The diffusers ControlNet config for `weights` (original names, no prefix)."""
-    config = shipped_config("controlnet") | _unet_shape_config(weights)
-    hint = _indices(weights, "input_hint_block.")
-    # input_hint_block: conv_in, then pairs (same width, stride-2 widening) of the embedding's blocks, conv_out.
-    config["conditioning_channels"] = weights["input_hint_block.0.weight"].shape[1]
-    config["conditioning_embedding_out_channels"] = [
-        weights[f"input_hint_block.{i}.weight"].shape[0] for i in (hint[0], *hint[2:-1:2])
-    ]
-    config["norm_num_groups"] = _norm_groups(config["block_out_channels"])
-    return config
-
-
-def vae_config(weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
-    """The diffusers VAE config for `weights` (LDM names, no prefix)."""
-    levels = _indices(weights, "encoder.down.")
-    widths = [weights[f"encoder.down.{level}.block.0.conv1.weight"].shape[0] for level in levels]
-    config = shipped_config("vae") | {
-        "in_channels": weights["encoder.conv_in.weight"].shape[1],
-        "out_channels": weights["decoder.conv_out.weight"].shape[0],
-        "block_out_channels": widths,
-        "down_block_types": ["DownEncoderBlock2D"] * len(widths),
-        "up_block_types": ["UpDecoderBlock2D"] * len(widths),
-        "layers_per_block": len(_indices(weights, "encoder.down.0.block.")),
-        "latent_channels": weights["decoder.conv_in.weight"].shape[1],
-        "norm_num_groups": _norm_groups(widths),
-        "scaling_factor": float(metadata.get(SCALING_FACTOR_KEY, SD15_SCALING_FACTOR)),
-    }
-    return config
-
-
-def text_encoder_config(weights: dict[str, torch.Tensor], tokenizer) -> dict:
-    """The CLIPTextConfig fields for `weights` (`text_model.` names) and its `tokenizer`."""
-    tokens = weights["text_model.embeddings.token_embedding.weight"]
-    hidden = tokens.shape[1]
-    return shipped_config("text_encoder") | {
-        "vocab_size": tokens.shape[0],
-        "hidden_size": hidden,
-        "intermediate_size": weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        "num_hidden_layers": len(_indices(weights, "text_model.encoder.layers.")),
-        "max_position_embeddings": weights["text_model.embeddings.position_embedding.weight"].shape[0],
-        # The head count is not in the shapes. CLIP ViT-L/14 has 64-wide heads (12 at 768); the
-        # tiny model has two heads of half its width, and "64 wide, or half the width" gives both.
-        "num_attention_heads": hidden // min(64, hidden // 2),
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-
-
-# --- Tokenizer --------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's (and GPT-2's) byte → printable character table, in CLIP's vocabulary order.
-
-    Written out because the order matters for token ids and no installed library exposes it
-    in this order (tokenizers' `ByteLevel.alphabet()` is a set).
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-
-
-@lru_cache(maxsize=1)
-def _clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    lines = gzip.decompress((CONFIGS / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode("utf-8").split("\n")
-    # CLIP uses the first 49152 - 256 - 2 merges (line 0 is a version header).
-    merges = [tuple(line.split()) for line in lines[1 : CLIP_VOCAB_SIZE - 2 * 256 - 2 + 1]]
-    chars = _bytes_to_unicode()
-    tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges), "<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(tokens)}, merges
-
-
-def clip_tokenizer(model_max_length: int = 77):
-    """The CLIP ViT-L/14 tokenizer (SD1.5's), built from the shipped BPE merges: no download."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_vocabulary()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
-
-
-def _tokenizer_for(path: Path, vocab_size: int, model_max_length: int):
-    from clarity.models.tiny import byte_level_tokenizer
-
-    if vocab_size == CLIP_VOCAB_SIZE:
-        return clip_tokenizer(model_max_length)
-    tiny = byte_level_tokenizer()
-    if vocab_size == len(tiny):
-        return tiny
-    raise WeightsError(
-        f"{path}: its text encoder has a {vocab_size}-token vocabulary; SD1.5's CLIP tokenizer has {CLIP_VOCAB_SIZE}."
-    )
-
-
-# --- Loading ----------------------------------------------------------------------------------
-
-
-def _build(
-    path: Path, what: str, make: Callable[[], torch.nn.Module], weights: dict[str, torch.Tensor], dtype: torch.dtype
-):
-    """Make a model without initialising its weights, then load `weights` as `dtype` into it, every key required."""
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights():
-            model = make()
-    except (ValueError, RuntimeError) as error:  # e.g. widths that no GroupNorm or head count divides
-        raise WeightsError(f"{path}: its {what} is not shaped like SD1.5's: {error}") from error
-    weights = {key: value.to(dtype) for key, value in weights.items() if value is not None}
-    result = model.load_state_dict(weights, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightsError(
-            f"{path}: its {what} does not have SD1.5's structure (missing {len(result.missing_keys)} weights,"
-            f" e.g. {result.missing_keys[:3]}; unexpected {len(result.unexpected_keys)},"
-            f" e.g. {result.unexpected_keys[:3]})."
-        )
-    return model
-
-
-def _shape_error(path: Path, what: str, error: Exception) -> WeightsError:
-    return WeightsError(f"{path}: its {what} weights are not shaped like SD1.5's (no {error}).")
-
-
-def load_unet(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
-    """The `UNet2DConditionModel` of an SD checkpoint, its weights as `dtype`."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    try:
-        config = unet_config(checkpoint.part(UNET_PREFIX))
-    except (KeyError, StopIteration, IndexError) as error:
-        raise _shape_error(checkpoint.path, "UNet", error) from error
-    if config["in_channels"] != 4 or config["use_linear_projection"]:
-        kind = "an inpainting" if config["in_channels"] != 4 else "an SD2-style"
-        raise WeightsError(f"{checkpoint.path} holds {kind} UNet; Clarity needs a regular SD1.5-family checkpoint.")
-    weights = convert_ldm_unet_checkpoint(checkpoint.tensors, config)
-    return _build(checkpoint.path, "UNet", lambda: UNet2DConditionModel.from_config(config), weights, dtype)
-
-
-def load_controlnet(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
-    """The `ControlNetModel` of an original-format ControlNet file (keys with or without `control_model.`)."""
-    from diffusers import ControlNetModel
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-
-    check_controlnet_keys(checkpoint.path, list(checkpoint.tensors))
-    prefix = CONTROLNET_PREFIX if _has(checkpoint.tensors, CONTROLNET_PREFIX) else ""
-    try:
-        config = controlnet_config(checkpoint.part(prefix))
-    except (KeyError, StopIteration, IndexError) as error:
-        raise _shape_error(checkpoint.path, "ControlNet", error) from error
-    weights = convert_controlnet_checkpoint(checkpoint.tensors, config)
-    return _build(checkpoint.path, "ControlNet", lambda: ControlNetModel.from_config(config), weights, dtype)
-
-
-def load_vae(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
-    """The `AutoencoderKL` of an SD checkpoint or a standalone LDM VAE file."""
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    keys = list(checkpoint.tensors)
-    check_vae_keys(checkpoint.path, keys)
-    prefix = VAE_PREFIX if _has(keys, VAE_PREFIX) else ""
-    try:
-        config = vae_config(checkpoint.part(prefix), checkpoint.metadata)
-    except (KeyError, IndexError) as error:
-        raise _shape_error(checkpoint.path, "VAE", error) from error
-    # The converter finds the prefix itself; given a whole SD checkpoint it must see only the VAE.
-    weights = convert_ldm_vae_checkpoint({prefix + k: v for k, v in checkpoint.part(prefix).items()}, config)
-    return _build(checkpoint.path, "VAE", lambda: AutoencoderKL.from_config(config), weights, dtype)
-
-
-def load_text_encoder_and_tokenizer(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
-    """The `CLIPTextModel` of an SD checkpoint and the tokenizer its vocabulary calls for."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    # Some checkpoints name the text encoder's parameters without transformers' "text_model." level.
-    weights = {
-        "text_model." + key.removeprefix("text_model."): value
-        for key, value in convert_ldm_clip_checkpoint(checkpoint.tensors).items()
-        if not key.endswith("position_ids")  # a buffer older checkpoints saved; the model makes its own
-    }
-    try:
-        tokens = weights["text_model.embeddings.token_embedding.weight"]
-        positions = weights["text_model.embeddings.position_embedding.weight"].shape[0]
-        tokenizer = _tokenizer_for(checkpoint.path, tokens.shape[0], positions)
-        config = CLIPTextConfig(**text_encoder_config(weights, tokenizer))
-    except (KeyError, IndexError) as error:
-        raise _shape_error(checkpoint.path, "text encoder", error) from error
-
-    def make():
-        return CLIPTextModel(config)
-
-    # transformers >= 5.6 flattened CLIPTextModel: its parameters no longer sit under "text_model.".
-    with torch.device("meta"):
-        flattened = not hasattr(make(), "text_model")
-    if flattened:
-        weights = {key.removeprefix("text_model."): value for key, value in weights.items()}
-    return _build(checkpoint.path, "text encoder", make, weights, dtype), tokenizer
-
-
-def scheduler_config() -> dict:
-    """SD1.5's noise schedule: single-file checkpoints of the SD1.5 family all train on it."""
-    return shipped_config("scheduler")
-
-
-# --- Writing (diffusers → LDM names), for the tiny model's single-file formats -------------
-
-_RESNET_TO_LDM = (
-    ("norm1", "in_layers.0"),
-    ("conv1", "in_layers.2"),
-    ("norm2", "out_layers.0"),
-    ("conv2", "out_layers.3"),
-    ("time_emb_proj", "emb_layers.1"),
-    ("conv_shortcut", "skip_connection"),
-)
-_UNET_FIXED_TO_LDM = {
-    "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.",
-    "conv_in.": "input_blocks.0.0.",
-    "conv_norm_out.": "out.0.",
-    "conv_out.": "out.2.",
-}
-
-
-def _resnet_to_ldm(rest: str) -> str:
-    name, _, tail = rest.partition(".")
-    return dict(_RESNET_TO_LDM).get(name, name) + "." + tail
-
-
-def _unet_key_to_ldm(key: str, layers_per_block: int, up_attention: list[bool]) -> str:
-    """One UNet or ControlNet parameter name, diffusers → LDM (the shared down and middle parts)."""
-    step = layers_per_block + 1
-    for ours, theirs in _UNET_FIXED_TO_LDM.items():
-        if key.startswith(ours):
-            return theirs + key[len(ours) :]
-    if match := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        level, kind, j, rest = int(match[1]), match[2], int(match[3]), match[4]
-        inner = f"0.{_resnet_to_ldm(rest)}" if kind == "resnets" else f"1.{rest}"
-        return f"input_blocks.{step * level + j + 1}.{inner}"
-    if match := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-        return f"input_blocks.{step * (int(match[1]) + 1)}.0.op.{match[2]}"
-    if match := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        level, kind, j, rest = int(match[1]), match[2], int(match[3]), match[4]
-        inner = f"0.{_resnet_to_ldm(rest)}" if kind == "resnets" else f"1.{rest}"
-        return f"output_blocks.{step * level + j}.{inner}"
-    if match := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
-        level = int(match[1])
-        return f"output_blocks.{step * level + layers_per_block}.{2 if up_attention[level] else 1}.{match[2]}"
-    if match := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
-        return f"middle_block.{2 * int(match[1])}.{_resnet_to_ldm(match[2])}"
-    if key.startswith("mid_block.attentions.0."):
-        return "middle_block.1." + key.removeprefix("mid_block.attentions.0.")
-    raise ValueError(f"no LDM name for UNet parameter {key!r}")
-
-
-def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    """A diffusers UNet's weights under the original SD names (`model.diffusion_model.*`)."""
-    config = unet.config
-    up_attention = [kind.startswith("CrossAttn") for kind in config.up_block_types]
-    return {
-        UNET_PREFIX + _unet_key_to_ldm(key, config.layers_per_block, up_attention): value
-        for key, value in unet.state_dict().items()
-    }
-
-
-def controlnet_to_ldm(controlnet) -> dict[str, torch.Tensor]:
-    """A diffusers ControlNet's weights under the original ControlNet names (`control_model.*`)."""
-    blocks = len(controlnet.controlnet_cond_embedding.blocks)
-    renamed = {}
-    for key, value in controlnet.state_dict().items():
-        if match := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
-            name = f"zero_convs.{match[1]}.0.{match[2]}"
-        elif key.startswith("controlnet_mid_block."):
-            name = "middle_block_out.0." + key.removeprefix("controlnet_mid_block.")
-        elif key.startswith("controlnet_cond_embedding.conv_in."):
-            name = "input_hint_block.0." + key.removeprefix("controlnet_cond_embedding.conv_in.")
-        elif match := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.*)", key):
-            name = f"input_hint_block.{2 * (int(match[1]) + 1)}.{match[2]}"
-        elif key.startswith("controlnet_cond_embedding.conv_out."):
-            name = f"input_hint_block.{2 * (blocks + 1)}." + key.removeprefix("controlnet_cond_embedding.conv_out.")
-        else:
-            name = _unet_key_to_ldm(key, controlnet.config.layers_per_block, [])
-        renamed[CONTROLNET_PREFIX + name] = value
-    return renamed
-
-
-_VAE_ATTENTION_TO_LDM = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
-
-
-def vae_to_ldm(vae, prefix: str = "") -> dict[str, torch.Tensor]:
-    """A diffusers VAE's weights under the original LDM names (after `prefix`)."""
-    levels = len(vae.config.block_out_channels)
-    renamed = {}
-    for key, value in vae.state_dict().items():
-        name = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        name = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
-        name = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", name)
-        # The decoder's levels are numbered from the bottom in LDM, from the top in diffusers.
-        name = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
-                      lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", name)
-        name = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                      lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", name)
-        name = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", name)
-        if ".mid_block.attentions.0." in name:
-            head, _, tail = name.partition("mid_block.attentions.0.")
-            for ours, theirs in _VAE_ATTENTION_TO_LDM.items():
-                if tail.startswith(ours):
-                    tail = theirs + tail[len(ours) :]
-            name = head + "mid.attn_1." + tail
-            if value.ndim == 2:  # LDM's attention projections are 1x1 convolutions
-                value = value[:, :, None, None]
-        renamed[prefix + name] = value
-    return renamed
-
-
-def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel's weights under SD's names (`cond_stage_model.transformer.text_model.*`)."""
-    return {
-        TEXT_PREFIX + "text_model." + key.removeprefix("text_model."): value
-        for key, value in text_encoder.state_dict().items()
-    }

@@ -14,6 +14,13 @@ from pathlib import Path
 
 import torch
 
+from clarity.models.clip_tokenizers import byte_level_tokenizer
+from clarity.models.single_file import SCALING_FACTOR_KEY, VAE_PREFIX
+from clarity.models.tiny_marker import TINY_MARKER
+from clarity.testing.adapters import save_tiny_embedding, save_tiny_lora
+from clarity.testing.fixtures import save_tiny_esrgan, save_tiny_safety_checker
+from clarity.testing.ldm_writer import controlnet_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
 #: Widths of the four UNet/ControlNet levels; SD1.5 uses (320, 640, 1280, 1280).
 _UNET_WIDTHS = (16, 16, 32, 32)
 #: Widths of the four VAE levels; SD1.5 uses (128, 256, 512, 512).
@@ -30,21 +37,6 @@ _SCHEDULER_CONFIG = {
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
 }
-
-
-def byte_level_tokenizer():
-    """A CLIP tokenizer whose BPE vocabulary has no merges: every byte is its own token.
-
-    A stand-in for the 49408-token CLIP vocabulary that keeps the tiny text encoder's embedding
-    small; it loads through the same `CLIPTokenizer` class and tokenises any text, one token per byte.
-    """
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    byte_chars = sorted(ByteLevel.alphabet())
-    tokens = ["<|startoftext|>", "<|endoftext|>", *byte_chars, *(c + "</w>" for c in byte_chars)]
-    # Without model_max_length the pipeline would pad prompts to an effectively unlimited length.
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 #: The tiny VAE after a few minutes of training (see train_tiny_vae.py), shipped with the package.
@@ -68,8 +60,8 @@ def build_tiny_vae(seed: int = 0, trained: bool = True):
         block_out_channels=_VAE_WIDTHS,
         layers_per_block=2,
         latent_channels=4,
-        # Half the narrowest width: the rule single-file loading assumes (GroupNorm groups are not
-        # in the weights; single_file._norm_groups gives 32 for SD1.5 and this for the tiny model).
+        # Half the narrowest width: the rule single-file loading assumes (GroupNorm groups are not in the
+        # weights; single_file_components._norm_groups gives 32 for SD1.5 and this for the tiny model).
         norm_num_groups=4,
         sample_size=64,
         scaling_factor=0.18215,
@@ -83,31 +75,19 @@ def build_tiny_vae(seed: int = 0, trained: bool = True):
     return vae
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Build the tiny SD1.5-shaped `StableDiffusionControlNetImg2ImgPipeline` in memory.
-
-    Deterministic for a given seed: every component is initialised right after
-    `torch.manual_seed`, so two builds have identical weights.
-    """
-    from diffusers import (
-        ControlNetModel,
-        PNDMScheduler,
-        StableDiffusionControlNetImg2ImgPipeline,
-        UNet2DConditionModel,
-    )
+def build_tiny_text_encoder(tokenizer, seed: int = 0):
+    """The tiny CLIP `CLIPTextModel`: 2 layers of width 32 over `tokenizer`'s (byte-level) vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = byte_level_tokenizer()
-
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=_TEXT_WIDTH,
             intermediate_size=2 * _TEXT_WIDTH,
             num_hidden_layers=2,
-            # Two heads of half the width: the rule single-file loading assumes (head counts are not
-            # in the weights; single_file.text_encoder_config gives 12 for SD1.5 and this here).
+            # Two heads of half the width: the rule single-file loading assumes (head counts are not in
+            # the weights; single_file_components.text_encoder_config gives 12 for SD1.5 and this here).
             num_attention_heads=2,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
@@ -116,8 +96,13 @@ def build_tiny_pipeline(seed: int = 0):
         )
     )
 
+
+def build_tiny_unet(seed: int = 0):
+    """The tiny SD1.5-shaped `UNet2DConditionModel`: cross-attention at the first three of four levels."""
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -126,11 +111,16 @@ def build_tiny_pipeline(seed: int = 0):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=_TEXT_WIDTH,
-        # SD1.5's 8 heads per attention layer, and half the narrowest width as GroupNorm groups:
-        # neither is in the weights, and single-file loading assumes these (single_file.unet_config).
+        # SD1.5's 8 heads per attention layer, and half the narrowest width as GroupNorm groups: neither
+        # is in the weights, and single-file loading assumes these (single_file_components.unet_config).
         attention_head_dim=8,
         norm_num_groups=8,
     )
+
+
+def build_tiny_controlnet(seed: int = 0):
+    """The tiny ControlNet-tile-shaped `ControlNetModel`, its zero convolutions made non-zero."""
+    from diffusers import ControlNetModel
 
     torch.manual_seed(seed + 2)
     controlnet = ControlNetModel(
@@ -151,25 +141,30 @@ def build_tiny_pipeline(seed: int = 0):
         for conv in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
             torch.nn.init.normal_(conv.weight, std=0.3)
             torch.nn.init.zeros_(conv.bias)
+    return controlnet
 
-    vae = build_tiny_vae(seed)
 
+def build_tiny_pipeline(seed: int = 0):
+    """Build the tiny SD1.5-shaped `StableDiffusionControlNetImg2ImgPipeline` in memory.
+
+    Deterministic for a given seed: each component builder seeds torch with its own offset of
+    `seed` right before initialising, so two builds have identical weights.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionControlNetImg2ImgPipeline
+
+    tokenizer = byte_level_tokenizer()
     return StableDiffusionControlNetImg2ImgPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=build_tiny_vae(seed),
+        text_encoder=build_tiny_text_encoder(tokenizer, seed),
         tokenizer=tokenizer,
-        unet=unet,
-        controlnet=controlnet,
+        unet=build_tiny_unet(seed),
+        controlnet=build_tiny_controlnet(seed),
         # from_config keeps SD1.5's DDIM-only keys in the saved config, as in real weights.
         scheduler=PNDMScheduler.from_config(_SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-#: Marker file that names a weights folder as the tiny test model wherever it is loaded.
-TINY_MARKER = "CLARITY_TINY_MODEL"
 
 
 #: The formats `save_tiny_weights` can write: the diffusers folder layout, and single files in the
@@ -222,10 +217,6 @@ def save_tiny_weights(folder: str | Path, seed: int = 0, formats: tuple[str, ...
 
 
 def _save_extras(pipeline, folder: Path, seed: int) -> None:
-    from clarity.engine.esrgan import save_tiny_esrgan
-    from clarity.engine.safety import save_tiny_safety_checker
-    from clarity.models.tiny_adapters import save_tiny_embedding, save_tiny_lora
-
     save_tiny_lora(folder / EXTRA_FILES["lora"], pipeline, seed=seed)
     save_tiny_embedding(folder / EXTRA_FILES["embedding"], pipeline.text_encoder.config.hidden_size, seed=seed)
     save_tiny_esrgan(folder / EXTRA_FILES["upscaler"], seed=seed)
@@ -234,15 +225,6 @@ def _save_extras(pipeline, folder: Path, seed: int) -> None:
 
 def _save_single_files(pipeline, folder: Path) -> None:
     from safetensors.torch import save_file
-
-    from clarity.models.single_file import (
-        SCALING_FACTOR_KEY,
-        VAE_PREFIX,
-        controlnet_to_ldm,
-        text_encoder_to_ldm,
-        unet_to_ldm,
-        vae_to_ldm,
-    )
 
     # The trained tiny VAE's scaling factor is not SD1.5's and not in its weights: record it.
     metadata = {TINY_MARKER: "1", SCALING_FACTOR_KEY: repr(pipeline.vae.config.scaling_factor)}

@@ -1,4 +1,4 @@
-"""Train the tiny model's VAE into a real (if blurry) autoencoder: `python -m clarity.models.train_tiny_vae`.
+"""Train the tiny model's VAE into a real (if blurry) autoencoder: `python -m clarity.testing.train_tiny_vae`.
 
 A randomly initialised VAE is no autoencoder: its activations depend wildly on content, so
 no statement about VAE tiling, colour or seams can be tested on it. A few minutes of CPU
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clarity.models.tiny import TRAINED_VAE_FILE, build_tiny_vae
+from clarity.testing.tiny import TRAINED_VAE_FILE, build_tiny_vae
 
 
 def synthetic_image(rng: np.random.Generator, height: int, width: int) -> torch.Tensor:
