@@ -107,13 +107,6 @@ class UpscaleStats:
                 totals[stage] = totals.get(stage, 0.0) + seconds
         return totals
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "unet_evaluations": self.unet_evaluations,
-            "seconds_by_stage": self.seconds_by_stage,
-        }
-
 
 @dataclass
 class UpscaleResult:
