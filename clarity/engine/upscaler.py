@@ -11,7 +11,6 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,7 @@ from clarity.engine.acceleration import (
     resolve_device,
     resolve_dtype,
 )
+from clarity.engine.memory import with_memory_retries
 from clarity.engine.pipeline import PassSettings, TiledUpscalePipeline
 from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, PreUpscalerRegistry, lanczos
@@ -52,49 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: Largest factor of a single pass; larger scale factors chain passes (the original's scheme).
 MAX_PASS_FACTOR = 2.0
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError with this wording.
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
-
-
-def _smaller_memory_settings(params: UpscaleParams) -> UpscaleParams | None:
-    """Settings that need less memory and change the result least, or None when none are left.
-
-    The tile batch does not change the result at all; the VAE tile size only slightly. Tile
-    sizes, which shape the invented detail, are never changed behind the caller's back.
-    """
-    if params.tile_batch_size > 1:
-        return params.replace(tile_batch_size=params.tile_batch_size // 2)
-    if params.vae_tile_size >= 256:
-        return params.replace(vae_tile_size=max(128, params.vae_tile_size // 2 // 64 * 64))
-    return None
-
-
-def _with_memory_retries(
-    run: Callable[[UpscaleParams], Image.Image], params: UpscaleParams, stats: UpscaleStats, variant: int
-) -> Image.Image:
-    """`run(params)`, retried with settings that need less memory while the device runs out."""
-    while True:
-        passes_before = len(stats.passes)
-        try:
-            return run(params)
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            smaller = _smaller_memory_settings(params) if _is_out_of_memory(error) else None
-            if smaller is None:
-                raise
-            del stats.passes[passes_before:]  # the failed attempt's passes
-            note = (
-                f"out of memory with tile_batch_size={params.tile_batch_size},"
-                f" vae_tile_size={params.vae_tile_size}; retried with"
-                f" tile_batch_size={smaller.tile_batch_size}, vae_tile_size={smaller.vae_tile_size}"
-            )
-            logger.warning("variant %d: %s", variant, note)
-            stats.retries.append(note)
-            params = smaller
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
 
 def plan_passes(scale_factor: float) -> list[float]:
@@ -261,7 +218,8 @@ class Upscaler:
             stats.seeds.append(seed)
             run = partial(self._upscale_rgb, rgb, seed=seed, variant=variant, variants=num_images,
                           progress=progress, stats=stats, pre_upscaler=pre_upscaler)
-            result = _with_memory_retries(run, params, stats, variant)
+            on_retry = partial(_record_retry, stats, variant, len(stats.passes))
+            result = with_memory_retries(run, params, on_retry)
             if params.pattern:
                 result = filter_periodic(partial(sharpen, amount=params.sharpen), result, reach=1)
             else:
@@ -369,6 +327,13 @@ class Upscaler:
             vae_tile_size=params.vae_tile_size,
             wrap=params.pattern,
         )
+
+
+def _record_retry(stats: UpscaleStats, variant: int, passes_before: int, note: str) -> None:
+    """Log and list a retry of `variant` after running out of memory; drop the failed attempt's passes."""
+    del stats.passes[passes_before:]
+    logger.warning("variant %d: %s", variant, note)
+    stats.retries.append(note)
 
 
 #: Blur radius (output pixels) of the mask's edge, as in the original Clarity.
