@@ -11,9 +11,10 @@ from conftest import FAST, make_test_image
 from PIL import Image
 
 from clarity import ParamError, UpscaleParams
+from clarity.engine.images import pil_to_tensor
 from clarity.engine.pipeline import PassSettings
 from clarity.engine.schedulers import make_scheduler
-from clarity.engine.upscaler import pil_to_tensor, plan_passes
+from clarity.engine.upscaler import plan_passes
 
 
 def pixels(image: Image.Image) -> np.ndarray:
