@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,33 +177,22 @@ class Upscaler:
         params = params or UpscaleParams()
         if overrides:
             params = params.replace(**overrides)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
-            raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
+        _check_num_images(num_images)
         started = time.perf_counter()
-        stats = UpscaleStats(
-            model=self.name, tiny_model=self.tiny_model, device=str(self.device), pre_upscaler=params.upscaler,
-            acceleration=asdict(self.acceleration) if self.acceleration is not None else {},
-        )
+        stats = self._new_stats(params)
+
+        # 1. Prepare the input (alpha and grayscale are set aside, put back at the end); check the output size.
         source = split_for_model(load_image(image))
-        rgb = shrink_to(source.rgb, params.downscaling_resolution) if params.downscaling else source.rgb
-        if params.pattern:
-            stats.pattern_crossfaded = seam_axes(rgb)
-            rgb = crossfade_borders(rgb, stats.pattern_crossfaded)
-        width, height = output_size(rgb.size, params.scale_factor)
-        if width * height > self.max_output_pixels:
-            raise ParamError(
-                "scale_factor",
-                f"the output would be {width}x{height} = {width * height / 1e6:.1f} MP; the limit here is"
-                f" {self.max_output_pixels / 1e6:.1f} MP (max_output_pixels)",
-            )
-        # Checked before any work: a wrong name or a missing checker must not cost minutes.
+        rgb = _prepare_rgb(source.rgb, params, stats)
+        size = self._checked_output_size(rgb.size, params.scale_factor)
+
+        # 2. Check the rest before any work: a wrong name or a missing checker must not cost minutes.
         self.pipeline.check_prompt(params.prompt, params.negative_prompt)
         pre_upscaler = self.pre_upscalers.get(params.upscaler)
         safety_checker = self.safety_checker() if params.enable_safety_checker else None
-        keep = None
-        if mask is not None:
-            keep = keep_mask(load_image(mask, param="mask"), rgb.size, (width, height))
-            original = self._pre_upscale(pre_upscaler, rgb, (width, height), params.pattern)
+        kept = None if mask is None else self._kept_original(mask, rgb, size, pre_upscaler, params.pattern)
+
+        # 3. Upscale each variant: chained passes (retried while memory runs out), sharpening, the kept original.
         base_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         images = []
         for variant in range(num_images):
@@ -211,24 +200,39 @@ class Upscaler:
             stats.seeds.append(seed)
             run = partial(self._upscale_rgb, rgb, seed=seed, variant=variant, variants=num_images,
                           progress=progress, stats=stats, pre_upscaler=pre_upscaler)
-            on_retry = partial(_record_retry, stats, variant, len(stats.passes))
-            result = with_memory_retries(run, params, on_retry)
-            if params.pattern:
-                result = filter_periodic(partial(sharpen, amount=params.sharpen), result, reach=1)
-            else:
-                result = sharpen(result, params.sharpen)
-            if keep is not None:
-                result = Image.composite(original, result, keep)
-            images.append(join_from_model(result, source))
+            result = with_memory_retries(run, params, partial(_record_retry, stats, variant, len(stats.passes)))
+            images.append(join_from_model(_finish(result, params, kept), source))
+
+        # 4. Check the outputs.
         if safety_checker is not None:
-            flagged = [index for index, flag in enumerate(safety_checker.flagged(images)) if flag]
-            if flagged:
-                raise ContentPolicyError(
-                    f"the safety checker flagged output(s) {flagged} (seeds {[stats.seeds[i] for i in flagged]});"
-                    " nothing is returned"
-                )
+            _refuse_flagged(safety_checker.flagged(images), stats.seeds)
         stats.seconds = time.perf_counter() - started
         return UpscaleResult(images=images, stats=stats)
+
+    def _new_stats(self, params: UpscaleParams) -> UpscaleStats:
+        """Statistics of an upscale with `params` on this model, before any work."""
+        return UpscaleStats(
+            model=self.name, tiny_model=self.tiny_model, device=str(self.device), pre_upscaler=params.upscaler,
+            acceleration=asdict(self.acceleration) if self.acceleration is not None else {},
+        )
+
+    def _checked_output_size(self, input_size: tuple[int, int], scale_factor: float) -> tuple[int, int]:
+        """The output size for `input_size`; `ParamError` when it is over `max_output_pixels`."""
+        width, height = output_size(input_size, scale_factor)
+        if width * height > self.max_output_pixels:
+            raise ParamError(
+                "scale_factor",
+                f"the output would be {width}x{height} = {width * height / 1e6:.1f} MP; the limit here is"
+                f" {self.max_output_pixels / 1e6:.1f} MP (max_output_pixels)",
+            )
+        return width, height
+
+    def _kept_original(
+        self, mask: ImageSource, rgb: Image.Image, size: tuple[int, int], pre_upscaler: PreUpscaler, wrap: bool
+    ) -> _KeptOriginal:
+        """What `mask` keeps of `rgb` in an output of `size`: its plain pre-upscaled version."""
+        keep = keep_mask(load_image(mask, param="mask"), rgb.size, size)
+        return _KeptOriginal(image=self._pre_upscale(pre_upscaler, rgb, size, wrap), mask=keep)
 
     def safety_checker(self) -> SafetyChecker:
         """The safety checker, loaded on first use; `ParamError` saying how to install it if it is not."""
@@ -319,6 +323,47 @@ class Upscaler:
             seed=seed,
             vae_tile_size=params.vae_tile_size,
             wrap=params.pattern,
+        )
+
+
+def _check_num_images(num_images: int) -> None:
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
+        raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
+
+
+def _prepare_rgb(rgb: Image.Image, params: UpscaleParams, stats: UpscaleStats) -> Image.Image:
+    """The input's RGB as the passes start from it: shrunk by `downscaling`, borders cross-faded by `pattern`."""
+    if params.downscaling:
+        rgb = shrink_to(rgb, params.downscaling_resolution)
+    if params.pattern:
+        stats.pattern_crossfaded = seam_axes(rgb)
+        rgb = crossfade_borders(rgb, stats.pattern_crossfaded)
+    return rgb
+
+
+@dataclass(frozen=True)
+class _KeptOriginal:
+    """What a `mask` keeps: the plain pre-upscaled input, shown where `mask` (at output size) is white."""
+
+    image: Image.Image
+    mask: Image.Image
+
+
+def _finish(result: Image.Image, params: UpscaleParams, kept: _KeptOriginal | None) -> Image.Image:
+    """A variant's last steps at output size: sharpening (wrapping around with `pattern`), then the kept original."""
+    if params.pattern:
+        result = filter_periodic(partial(sharpen, amount=params.sharpen), result, reach=1)
+    else:
+        result = sharpen(result, params.sharpen)
+    return Image.composite(kept.image, result, kept.mask) if kept is not None else result
+
+
+def _refuse_flagged(flags: list[bool], seeds: list[int]) -> None:
+    """`ContentPolicyError` when the safety checker flagged any output (`flags`, one per variant)."""
+    flagged = [index for index, flag in enumerate(flags) if flag]
+    if flagged:
+        raise ContentPolicyError(
+            f"the safety checker flagged output(s) {flagged} (seeds {[seeds[i] for i in flagged]}); nothing is returned"
         )
 
 
