@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: Largest factor of a single pass; larger scale factors chain passes (the original's scheme).
 MAX_PASS_FACTOR = 2.0
+#: Logged, with the model's name, whenever an `Upscaler` is made for the tiny test model (see
+#: clarity/models/tiny.py), so that nobody mistakes its outputs for what a real model gives.
+TINY_MODEL_WARNING = "model %s is the tiny test model: its outputs have no meaningful detail"
 
 
 def plan_passes(scale_factor: float) -> list[float]:
@@ -90,6 +93,8 @@ class Upscaler:
         self.pipeline = pipeline
         self.name = name
         self.tiny_model = tiny_model
+        if tiny_model:
+            logger.warning(TINY_MODEL_WARNING, name)
         self.max_output_pixels = max_output_pixels
         #: `params.upscaler` names: lanczos, or model files in `upscalers_dir` (loaded on first use).
         self.pre_upscalers = PreUpscalerRegistry(upscalers_dir, device=pipeline.device)
