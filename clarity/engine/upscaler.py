@@ -69,9 +69,9 @@ class Upscaler:
     """Creative upscaling with SD1.5 + ControlNet-tile over latent tiles.
 
     Build it with `Upscaler.from_pretrained(folder)`, or pass a ready pipeline to the
-    constructor (components are never loaded behind the caller's back). `lora_dir` and
-    `embeddings_dir` are where `<lora:name:weight>` tags and embedding names in prompts are
-    looked up (`name.safetensors`; embeddings also `name.pt`); None keeps the pipeline's.
+    constructor (components are never loaded behind the caller's back). `<lora:name:weight>`
+    tags and embedding names in prompts are looked up in the pipeline's `lora_dir` and
+    `embeddings_dir`.
     """
 
     def __init__(
@@ -80,16 +80,10 @@ class Upscaler:
         name: str = "clarity-upscaler",
         tiny_model: bool = False,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
-        lora_dir: Path | None = None,
-        embeddings_dir: Path | None = None,
         upscalers_dir: Path | None = None,
         safety_checker_dir: Path | None = None,
         acceleration: AccelerationReport | None = None,
     ) -> None:
-        if lora_dir is not None:
-            pipeline.prompts.lora_dir = Path(lora_dir)
-        if embeddings_dir is not None:
-            pipeline.prompts.embeddings_dir = Path(embeddings_dir)
         self.pipeline = pipeline
         self.name = name
         self.tiny_model = tiny_model
