@@ -15,7 +15,8 @@ from clarity.params import UpscaleParams
 
 if TYPE_CHECKING:
     from clarity.engine.acceleration import SpeedOptions
-    from clarity.engine.upscaler import ProgressEvent, Upscaler, UpscaleResult, UpscaleStats
+    from clarity.engine.results import ProgressEvent, UpscaleResult, UpscaleStats
+    from clarity.engine.upscaler import Upscaler
 
 __all__ = [
     "ClarityError", "ContentPolicyError", "ParamError", "ProgressEvent", "SpeedOptions", "UpscaleParams",
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 #: Public names and the engine module each lives in.
 _ENGINE_NAMES = {
-    "ProgressEvent": "upscaler", "Upscaler": "upscaler", "UpscaleResult": "upscaler", "UpscaleStats": "upscaler",
+    "Upscaler": "upscaler", "ProgressEvent": "results", "UpscaleResult": "results", "UpscaleStats": "results",
     "SpeedOptions": "acceleration",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ from conftest import FAST, make_test_image
 from PIL import Image
 
 from clarity import ParamError, UpscaleParams
+from clarity.engine.images import pil_to_tensor
 from clarity.engine.pipeline import PassSettings
 from clarity.engine.schedulers import make_scheduler
-from clarity.engine.upscaler import pil_to_tensor, plan_passes
+from clarity.engine.upscaler import plan_passes
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -341,3 +343,13 @@ def test_an_exception_from_progress_cancels_the_work(upscaler, image):
 
     with pytest.raises(Stop):
         upscaler.upscale(image, progress=cancel_after_first_step, **FAST)
+
+
+def test_an_upscaler_of_the_tiny_model_says_so_once(upscaler, caplog):
+    from clarity import Upscaler
+
+    with caplog.at_level(logging.WARNING, logger="clarity.engine.upscaler"):
+        Upscaler(upscaler.pipeline, name="tiny-test", tiny_model=True)
+        Upscaler(upscaler.pipeline, name="real-model")
+    warnings = [record.getMessage() for record in caplog.records if record.name == "clarity.engine.upscaler"]
+    assert warnings == ["model tiny-test is the tiny test model: its outputs have no meaningful detail"]

@@ -10,8 +10,8 @@ from conftest import FAST, make_test_image
 from PIL import Image
 
 from clarity import ParamError, UpscaleParams
+from clarity.engine.images import pil_to_tensor
 from clarity.engine.postprocess import color_fix, sharpen
-from clarity.engine.upscaler import pil_to_tensor
 
 
 def channel_means(image: Image.Image) -> np.ndarray:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from clarity import ParamError, Upscaler
-from clarity.engine.prompts import parse_weighting, split_lora_tags
+from clarity.engine.prompt_syntax import parse_weighting, split_lora_tags
 from clarity.errors import WeightsError
 from clarity.testing.adapters import save_tiny_embedding, save_tiny_lora
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import FAST, make_test_image
 
 from clarity.engine import vae as vae_ops
-from clarity.engine.upscaler import pil_to_tensor
+from clarity.engine.images import pil_to_tensor
 
 #: Mean absolute difference (0-1 pixel scale) allowed between tiled and untiled decoding. What
 #: remains is mid-block attention seeing one tile instead of the image, and GroupNorm

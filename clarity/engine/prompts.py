@@ -1,18 +1,16 @@
-"""Prompts as users write them in AUTOMATIC1111 and the original Clarity Upscaler.
+"""Prompts as users write them in AUTOMATIC1111 and the original Clarity Upscaler, turned into CLIP embeddings.
 
-- **Weighting**: `(word:1.3)`, `(word)` = x1.1, `[word]` = /1.1, nested (weights multiply),
-  `\\(` `\\)` `\\[` `\\]` for literal brackets, and `BREAK` to start a new 75-token window.
-  A weight that is not a number, `(word:abc)`, is read as A1111 reads it: the colon and the
-  text are literal and the brackets emphasise by 1.1. A malformed number such as `(word:1.2.3)`
-  is a `ParamError`.
+The syntax (weighting, `BREAK`, `<lora:...>` tags) is read by prompt_syntax.py; this module
+loads what the prompts name and encodes them:
+
 - **Long prompts**: encoded in 75-token windows (each wrapped in start/end tokens, so 77) whose
   embeddings are concatenated, as A1111 and compel do; the shorter of prompt and negative
   prompt is padded with empty-prompt windows so both have the same length.
-- **LoRAs**: `<lora:name>`, `<lora:name:weight>` or `<lora:name:text_encoder_weight:unet_weight>`
-  loads `<lora_dir>/<name>.safetensors` (kohya/A1111 or diffusers format) through diffusers'
-  LoRA loader, once; each request sets its own weights, and a request without tags runs
-  with every LoRA disabled. A LoRA changes the model, which both guidance branches share, so
-  a tag takes effect wherever it is written; it is removed from the text before encoding.
+- **LoRAs**: a `<lora:name:...>` tag loads `<lora_dir>/<name>.safetensors` (kohya/A1111 or
+  diffusers format) through diffusers' LoRA loader, once; each request sets its own weights,
+  and a request without tags runs with every LoRA disabled. A LoRA changes the model, which
+  both guidance branches share, so a tag takes effect wherever it is written; it is removed
+  from the text before encoding.
 - **Textual-inversion embeddings**: a word equal to the stem of a `.safetensors` (`emb_params`)
   or A1111 `.pt` (`string_to_param`) file in `embeddings_dir` is that embedding, loaded once
   through diffusers' `load_textual_inversion`; multi-vector embeddings take several tokens.
@@ -26,128 +24,69 @@ the-mean, so equal weights are of similar but not identical strength in the two 
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from clarity.engine.prompt_syntax import Fragments, LoraTag, parse_weighting, split_lora_tags
 from clarity.errors import ParamError, WeightsError
 
 if TYPE_CHECKING:
     from compel import Compel
-
-    from clarity.engine.pipeline import TiledUpscalePipeline
-
-#: A1111's extra-network tag, `<kind:arguments>`; only the `lora` kind is supported here.
-_EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
-
-# A1111's weighting syntax, tokenised. compel has no A1111 reader, and rewriting A1111 text
-# into compel's own syntax would mean escaping compel's operators (`+`, `-`, `.and()`, quotes)
-# in ordinary words, so this small reader produces (text, weight) fragments and compel
-# encodes them. Alternatives in order: an escaped bracket or backslash, a lone backslash,
-# an opening bracket, a `:weight)` closing, a closing bracket, plain text, a lone colon.
-_WEIGHTING_TOKEN = re.compile(r"\\[\\()\[\]]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
-#: Multiplier of `(text)`; `[text]` divides by it. A1111's values.
-EMPHASIS = 1.1
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 #: File types read as textual-inversion embeddings, preferred first when a stem has both.
 EMBEDDING_SUFFIXES = (".safetensors", ".pt")
 
-Fragments = list[tuple[str, float]]
 
+class PromptPipeline(Protocol):
+    """What `PromptEncoder` uses of a pipeline: the text models, the UNet's dtype and device, diffusers' loaders.
 
-@dataclass(frozen=True)
-class LoraTag:
-    """One `<lora:name:...>` tag: the file stem and its weights on the text encoder and the UNet."""
-
-    name: str
-    text_encoder_weight: float = 1.0
-    unet_weight: float = 1.0
-
-
-def split_lora_tags(text: str, param: str) -> tuple[str, list[LoraTag]]:
-    """`text` without its `<lora:...>` tags, and the tags. Other `<kind:...>` tags are refused."""
-    tags = []
-    for match in _EXTRA_NETWORK_TAG.finditer(text):
-        kind, arguments = match.group(1), match.group(2)
-        if kind != "lora":
-            raise ParamError(param, f"{match.group(0)}: <{kind}:...> tags are not supported, only <lora:name:weight>")
-        name, *weights = (part.strip() for part in arguments.split(":"))
-        if not name:
-            raise ParamError(param, f"{match.group(0)}: the LoRA name is missing")
-        if len(weights) > 2:
-            raise ParamError(param, f"{match.group(0)}: expected <lora:name>, <lora:name:weight> or"
-                                    " <lora:name:text_encoder_weight:unet_weight>")
-        numbers = [_number(weight, param, match.group(0)) for weight in weights] or [1.0]
-        tags.append(LoraTag(name, numbers[0], numbers[-1]))
-    return _EXTRA_NETWORK_TAG.sub("", text), tags
-
-
-def parse_weighting(text: str, param: str) -> list[Fragments]:
-    """A1111 weighting: the text as segments (split at `BREAK`) of (text, weight) fragments.
-
-    Adjacent fragments of equal weight are merged and empty ones dropped; there is always at
-    least one segment.
+    `TiledUpscalePipeline` is one: the LoRA methods come from diffusers'
+    `StableDiffusionLoraLoaderMixin`, `load_textual_inversion` and `maybe_convert_prompt` from
+    its `TextualInversionLoaderMixin`. Only the arguments the encoder passes are declared.
     """
-    pieces: list[list] = []  # [text, weight], weights multiplied in place as brackets close
-    open_round: list[int] = []
-    open_square: list[int] = []
 
-    def scale_from(start: int, factor: float) -> None:
-        for piece in pieces[start:]:
-            piece[1] *= factor
+    @property
+    def tokenizer(self) -> CLIPTokenizer: ...
 
-    for match in _WEIGHTING_TOKEN.finditer(text):
-        token, weight = match.group(0), match.group(1)
-        if len(token) == 2 and token[0] == "\\":
-            pieces.append([token[1], 1.0])
-        elif token == "(":
-            open_round.append(len(pieces))
-        elif token == "[":
-            open_square.append(len(pieces))
-        elif weight is not None and open_round:
-            scale_from(open_round.pop(), _number(weight, param, f"(...:{weight})"))
-        elif token == ")" and open_round:
-            scale_from(open_round.pop(), EMPHASIS)
-        elif token == "]" and open_square:
-            scale_from(open_square.pop(), 1 / EMPHASIS)
-        else:  # text, or a bracket that closes nothing: literal, as in A1111
-            pieces.append([token, 1.0])
-    # Unclosed brackets weight everything after them, as in A1111.
-    for start in open_round:
-        scale_from(start, EMPHASIS)
-    for start in open_square:
-        scale_from(start, 1 / EMPHASIS)
+    @property
+    def text_encoder(self) -> CLIPTextModel: ...
 
-    segments: list[Fragments] = [[]]
-    for piece_text, piece_weight in pieces:
-        for index, part in enumerate(_BREAK.split(piece_text)):
-            if index > 0:
-                segments.append([])
-            segment = segments[-1]
-            if not part:
-                continue
-            if segment and segment[-1][1] == piece_weight:
-                segment[-1] = (segment[-1][0] + part, piece_weight)
-            else:
-                segment.append((part, piece_weight))
-    kept = [segment for segment in segments if any(t.strip() for t, _ in segment)]
-    return kept or [[("", 1.0)]]
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        """The denoiser the embeddings are for: they are cast to its dtype."""
+        ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where the models run (the embeddings are moved there)."""
+        ...
 
-def _number(text: str, param: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ParamError(param, f"{where}: the weight {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ParamError(param, f"{where}: the weight must be finite, got {text!r}")
-    return value
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: dict[str, torch.Tensor], adapter_name: str
+    ) -> None: ...
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """Adapter names each model holds, by model name ("unet", "text_encoder")."""
+        ...
+
+    def set_adapters(self, adapter_names: list[str], adapter_weights: list[dict[str, float]]) -> None: ...
+
+    def enable_lora(self) -> None: ...
+
+    def disable_lora(self) -> None: ...
+
+    def load_textual_inversion(self, pretrained_model_name_or_path: str, token: str) -> None: ...
+
+    def maybe_convert_prompt(self, prompt: str, tokenizer: CLIPTokenizer) -> str:
+        """`prompt` with each multi-vector embedding token expanded to all its tokens."""
+        ...
 
 
 @functools.cache
@@ -204,13 +143,13 @@ class PromptEncoder:
     """Turns prompt text into CLIP embeddings, loading the LoRAs and embeddings it names.
 
     `pipeline` provides the tokenizer, text encoder and UNet and diffusers' LoRA and
-    textual-inversion loaders (`TiledUpscalePipeline` inherits them). LoRAs and embeddings
+    textual-inversion loaders (see `PromptPipeline`). LoRAs and embeddings
     stay loaded once used; a LoRA file is read once per process (restart to pick up a changed
     file).
     """
 
     def __init__(
-        self, pipeline: TiledUpscalePipeline, lora_dir: Path | None = None, embeddings_dir: Path | None = None
+        self, pipeline: PromptPipeline, lora_dir: Path | None = None, embeddings_dir: Path | None = None
     ) -> None:
         self.pipeline = pipeline
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None

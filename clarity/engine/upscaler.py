@@ -8,18 +8,15 @@ variants, progress and statistics. One pass of diffusion is `TiledUpscalePipelin
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from clarity.engine.acceleration import (
     AccelerationReport,
@@ -28,9 +25,12 @@ from clarity.engine.acceleration import (
     resolve_device,
     resolve_dtype,
 )
-from clarity.engine.pipeline import PassSettings, PassStats, TiledUpscalePipeline
+from clarity.engine.images import keep_mask, output_size, pil_to_tensor, shrink_to, tensor_to_pil
+from clarity.engine.memory import with_memory_retries
+from clarity.engine.pipeline import PassSettings, TiledUpscalePipeline
 from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, PreUpscalerRegistry, lanczos
+from clarity.engine.results import ProgressCallback, ProgressEvent, UpscaleResult, UpscaleStats
 from clarity.engine.safety import SafetyChecker, is_installed, not_installed
 from clarity.engine.seamless import crossfade_borders, filter_periodic, resize_periodic, seam_axes, snap_to_latent_grid
 from clarity.errors import ContentPolicyError, ParamError
@@ -39,7 +39,6 @@ from clarity.imageio import (
     ImageSource,
     join_from_model,
     load_image,
-    same_aspect_ratio,
     split_for_model,
 )
 from clarity.params import UpscaleParams
@@ -51,122 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: Largest factor of a single pass; larger scale factors chain passes (the original's scheme).
 MAX_PASS_FACTOR = 2.0
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Where a running upscale is: variant, pass and denoising step (step 0 = pass starting)."""
-
-    variant: int
-    variants: int
-    pass_index: int
-    passes: int
-    step: int
-    steps: int
-
-    @property
-    def fraction(self) -> float:
-        """Share of all denoising work done, 0..1 (passes counted as equal shares)."""
-        within_pass = self.step / self.steps if self.steps else 1.0
-        done_passes = self.variant * self.passes + self.pass_index + within_pass
-        return done_passes / (self.variants * self.passes)
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
-
-
-@dataclass
-class UpscaleStats:
-    """What an upscale did: every pass run (variant by variant), seeds, and total time."""
-
-    model: str
-    tiny_model: bool
-    device: str
-    seeds: list[int] = field(default_factory=list)
-    passes: list[PassStats] = field(default_factory=list)
-    #: What was retried with smaller settings after running out of memory, and how.
-    retries: list[str] = field(default_factory=list)
-    #: With `pattern`: the axes ("x", "y") along which the input did not tile and was cross-faded.
-    pattern_crossfaded: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    #: Which pre-upscaler brought each pass to size (`params.upscaler`).
-    pre_upscaler: str = "lanczos"
-    #: Dtypes, attention processors and speed options in effect (see engine/acceleration.py).
-    acceleration: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def unet_evaluations(self) -> int:
-        """UNet forward samples over all passes (one tile through one guidance branch = 1)."""
-        return sum(p.unet_evaluations for p in self.passes)
-
-    @property
-    def seconds_by_stage(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for p in self.passes:
-            for stage, seconds in p.seconds.items():
-                totals[stage] = totals.get(stage, 0.0) + seconds
-        return totals
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "unet_evaluations": self.unet_evaluations,
-            "seconds_by_stage": self.seconds_by_stage,
-        }
-
-
-@dataclass
-class UpscaleResult:
-    images: list[Image.Image]
-    stats: UpscaleStats
-
-    @property
-    def image(self) -> Image.Image:
-        """The first (usually only) variant."""
-        return self.images[0]
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError with this wording.
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
-
-
-def _smaller_memory_settings(params: UpscaleParams) -> UpscaleParams | None:
-    """Settings that need less memory and change the result least, or None when none are left.
-
-    The tile batch does not change the result at all; the VAE tile size only slightly. Tile
-    sizes, which shape the invented detail, are never changed behind the caller's back.
-    """
-    if params.tile_batch_size > 1:
-        return params.replace(tile_batch_size=params.tile_batch_size // 2)
-    if params.vae_tile_size >= 256:
-        return params.replace(vae_tile_size=max(128, params.vae_tile_size // 2 // 64 * 64))
-    return None
-
-
-def _with_memory_retries(
-    run: Callable[[UpscaleParams], Image.Image], params: UpscaleParams, stats: UpscaleStats, variant: int
-) -> Image.Image:
-    """`run(params)`, retried with settings that need less memory while the device runs out."""
-    while True:
-        passes_before = len(stats.passes)
-        try:
-            return run(params)
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            smaller = _smaller_memory_settings(params) if _is_out_of_memory(error) else None
-            if smaller is None:
-                raise
-            del stats.passes[passes_before:]  # the failed attempt's passes
-            note = (
-                f"out of memory with tile_batch_size={params.tile_batch_size},"
-                f" vae_tile_size={params.vae_tile_size}; retried with"
-                f" tile_batch_size={smaller.tile_batch_size}, vae_tile_size={smaller.vae_tile_size}"
-            )
-            logger.warning("variant %d: %s", variant, note)
-            stats.retries.append(note)
-            params = smaller
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+#: Logged, with the model's name, whenever an `Upscaler` is made for the tiny test model (see
+#: clarity/models/tiny.py), so that nobody mistakes its outputs for what a real model gives.
+TINY_MODEL_WARNING = "model %s is the tiny test model: its outputs have no meaningful detail"
 
 
 def plan_passes(scale_factor: float) -> list[float]:
@@ -179,18 +65,13 @@ def plan_passes(scale_factor: float) -> list[float]:
     return [*factors, remaining]
 
 
-def output_size(size: tuple[int, int], scale_factor: float) -> tuple[int, int]:
-    """round(side x scale_factor) for each side (halves round up), at least 1 pixel."""
-    return tuple(max(1, math.floor(side * scale_factor + 0.5)) for side in size)  # type: ignore[return-value]
-
-
 class Upscaler:
     """Creative upscaling with SD1.5 + ControlNet-tile over latent tiles.
 
     Build it with `Upscaler.from_pretrained(folder)`, or pass a ready pipeline to the
-    constructor (components are never loaded behind the caller's back). `lora_dir` and
-    `embeddings_dir` are where `<lora:name:weight>` tags and embedding names in prompts are
-    looked up (`name.safetensors`; embeddings also `name.pt`); None keeps the pipeline's.
+    constructor (components are never loaded behind the caller's back). `<lora:name:weight>`
+    tags and embedding names in prompts are looked up in the pipeline's `lora_dir` and
+    `embeddings_dir`.
     """
 
     def __init__(
@@ -199,19 +80,15 @@ class Upscaler:
         name: str = "clarity-upscaler",
         tiny_model: bool = False,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
-        lora_dir: Path | None = None,
-        embeddings_dir: Path | None = None,
         upscalers_dir: Path | None = None,
         safety_checker_dir: Path | None = None,
         acceleration: AccelerationReport | None = None,
     ) -> None:
-        if lora_dir is not None:
-            pipeline.prompts.lora_dir = Path(lora_dir)
-        if embeddings_dir is not None:
-            pipeline.prompts.embeddings_dir = Path(embeddings_dir)
         self.pipeline = pipeline
         self.name = name
         self.tiny_model = tiny_model
+        if tiny_model:
+            logger.warning(TINY_MODEL_WARNING, name)
         self.max_output_pixels = max_output_pixels
         #: `params.upscaler` names: lanczos, or model files in `upscalers_dir` (loaded on first use).
         self.pre_upscalers = PreUpscalerRegistry(upscalers_dir, device=pipeline.device)
@@ -299,33 +176,22 @@ class Upscaler:
         params = params or UpscaleParams()
         if overrides:
             params = params.replace(**overrides)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
-            raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
+        _check_num_images(num_images)
         started = time.perf_counter()
-        stats = UpscaleStats(
-            model=self.name, tiny_model=self.tiny_model, device=str(self.device), pre_upscaler=params.upscaler,
-            acceleration=asdict(self.acceleration) if self.acceleration is not None else {},
-        )
+        stats = self._new_stats(params)
+
+        # 1. Prepare the input (alpha and grayscale are set aside, put back at the end); check the output size.
         source = split_for_model(load_image(image))
-        rgb = shrink_to(source.rgb, params.downscaling_resolution) if params.downscaling else source.rgb
-        if params.pattern:
-            stats.pattern_crossfaded = seam_axes(rgb)
-            rgb = crossfade_borders(rgb, stats.pattern_crossfaded)
-        width, height = output_size(rgb.size, params.scale_factor)
-        if width * height > self.max_output_pixels:
-            raise ParamError(
-                "scale_factor",
-                f"the output would be {width}x{height} = {width * height / 1e6:.1f} MP; the limit here is"
-                f" {self.max_output_pixels / 1e6:.1f} MP (max_output_pixels)",
-            )
-        # Checked before any work: a wrong name or a missing checker must not cost minutes.
+        rgb = _prepare_rgb(source.rgb, params, stats)
+        size = self._checked_output_size(rgb.size, params.scale_factor)
+
+        # 2. Check the rest before any work: a wrong name or a missing checker must not cost minutes.
         self.pipeline.check_prompt(params.prompt, params.negative_prompt)
         pre_upscaler = self.pre_upscalers.get(params.upscaler)
         safety_checker = self.safety_checker() if params.enable_safety_checker else None
-        keep = None
-        if mask is not None:
-            keep = keep_mask(load_image(mask, param="mask"), rgb.size, (width, height))
-            original = self._pre_upscale(pre_upscaler, rgb, (width, height), params.pattern)
+        kept = None if mask is None else self._kept_original(mask, rgb, size, pre_upscaler, params.pattern)
+
+        # 3. Upscale each variant: chained passes (retried while memory runs out), sharpening, the kept original.
         base_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         images = []
         for variant in range(num_images):
@@ -333,23 +199,39 @@ class Upscaler:
             stats.seeds.append(seed)
             run = partial(self._upscale_rgb, rgb, seed=seed, variant=variant, variants=num_images,
                           progress=progress, stats=stats, pre_upscaler=pre_upscaler)
-            result = _with_memory_retries(run, params, stats, variant)
-            if params.pattern:
-                result = filter_periodic(partial(sharpen, amount=params.sharpen), result, reach=1)
-            else:
-                result = sharpen(result, params.sharpen)
-            if keep is not None:
-                result = Image.composite(original, result, keep)
-            images.append(join_from_model(result, source))
+            result = with_memory_retries(run, params, partial(_record_retry, stats, variant, len(stats.passes)))
+            images.append(join_from_model(_finish(result, params, kept), source))
+
+        # 4. Check the outputs.
         if safety_checker is not None:
-            flagged = [index for index, flag in enumerate(safety_checker.flagged(images)) if flag]
-            if flagged:
-                raise ContentPolicyError(
-                    f"the safety checker flagged output(s) {flagged} (seeds {[stats.seeds[i] for i in flagged]});"
-                    " nothing is returned"
-                )
+            _refuse_flagged(safety_checker.flagged(images), stats.seeds)
         stats.seconds = time.perf_counter() - started
         return UpscaleResult(images=images, stats=stats)
+
+    def _new_stats(self, params: UpscaleParams) -> UpscaleStats:
+        """Statistics of an upscale with `params` on this model, before any work."""
+        return UpscaleStats(
+            model=self.name, tiny_model=self.tiny_model, device=str(self.device), pre_upscaler=params.upscaler,
+            acceleration=asdict(self.acceleration) if self.acceleration is not None else {},
+        )
+
+    def _checked_output_size(self, input_size: tuple[int, int], scale_factor: float) -> tuple[int, int]:
+        """The output size for `input_size`; `ParamError` when it is over `max_output_pixels`."""
+        width, height = output_size(input_size, scale_factor)
+        if width * height > self.max_output_pixels:
+            raise ParamError(
+                "scale_factor",
+                f"the output would be {width}x{height} = {width * height / 1e6:.1f} MP; the limit here is"
+                f" {self.max_output_pixels / 1e6:.1f} MP (max_output_pixels)",
+            )
+        return width, height
+
+    def _kept_original(
+        self, mask: ImageSource, rgb: Image.Image, size: tuple[int, int], pre_upscaler: PreUpscaler, wrap: bool
+    ) -> _KeptOriginal:
+        """What `mask` keeps of `rgb` in an output of `size`: its plain pre-upscaled version."""
+        keep = keep_mask(load_image(mask, param="mask"), rgb.size, size)
+        return _KeptOriginal(image=self._pre_upscale(pre_upscaler, rgb, size, wrap), mask=keep)
 
     def safety_checker(self) -> SafetyChecker:
         """The safety checker, loaded on first use; `ParamError` saying how to install it if it is not."""
@@ -443,42 +325,49 @@ class Upscaler:
         )
 
 
-#: Blur radius (output pixels) of the mask's edge, as in the original Clarity.
-MASK_BLUR_RADIUS = 5
+def _check_num_images(num_images: int) -> None:
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= 16:
+        raise ParamError("num_images", f"must be an integer from 1 to 16, got {num_images!r}")
 
 
-def keep_mask(mask: Image.Image, input_size: tuple[int, int], size: tuple[int, int]) -> Image.Image:
-    """The "keep the original" mask at output `size`, 0-255, its edge softened.
+def _prepare_rgb(rgb: Image.Image, params: UpscaleParams, stats: UpscaleStats) -> Image.Image:
+    """The input's RGB as the passes start from it: shrunk by `downscaling`, borders cross-faded by `pattern`."""
+    if params.downscaling:
+        rgb = shrink_to(rgb, params.downscaling_resolution)
+    if params.pattern:
+        stats.pattern_crossfaded = seam_axes(rgb)
+        rgb = crossfade_borders(rgb, stats.pattern_crossfaded)
+    return rgb
 
-    Alpha is the mask when there is one (OpenAI's convention: transparent = edit); otherwise
-    brightness is (the original Clarity's: white = keep).
-    """
-    if not same_aspect_ratio(mask.size, input_size):
-        raise ParamError(
-            "mask", f"mask is {mask.width}x{mask.height} but the image is {input_size[0]}x{input_size[1]};"
-            " they must have the same aspect ratio",
+
+@dataclass(frozen=True)
+class _KeptOriginal:
+    """What a `mask` keeps: the plain pre-upscaled input, shown where `mask` (at output size) is white."""
+
+    image: Image.Image
+    mask: Image.Image
+
+
+def _finish(result: Image.Image, params: UpscaleParams, kept: _KeptOriginal | None) -> Image.Image:
+    """A variant's last steps at output size: sharpening (wrapping around with `pattern`), then the kept original."""
+    if params.pattern:
+        result = filter_periodic(partial(sharpen, amount=params.sharpen), result, reach=1)
+    else:
+        result = sharpen(result, params.sharpen)
+    return Image.composite(kept.image, result, kept.mask) if kept is not None else result
+
+
+def _refuse_flagged(flags: list[bool], seeds: list[int]) -> None:
+    """`ContentPolicyError` when the safety checker flagged any output (`flags`, one per variant)."""
+    flagged = [index for index, flag in enumerate(flags) if flag]
+    if flagged:
+        raise ContentPolicyError(
+            f"the safety checker flagged output(s) {flagged} (seeds {[seeds[i] for i in flagged]}); nothing is returned"
         )
-    has_alpha = mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info)
-    gray = mask.convert("RGBA").getchannel("A") if has_alpha else mask.convert("L")
-    return gray.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(MASK_BLUR_RADIUS))
 
 
-def shrink_to(image: Image.Image, longest_side: int) -> Image.Image:
-    """`image` shrunk (Lanczos) so its longest side is `longest_side`; smaller images are kept as they are."""
-    scale = longest_side / max(image.size)
-    if scale >= 1:
-        return image
-    return image.resize(output_size(image.size, scale), Image.Resampling.LANCZOS)
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (1, 3, H, W) float32 in [0, 1] (the scaling diffusers' image processor uses)."""
-    # One float32 copy of the image, not three (float array, division, channel-first copy).
-    channels_last = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).unsqueeze(0)
-    return channels_last.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-
-
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) in [0, 1] -> RGB PIL image, rounding like diffusers' `numpy_to_pil`."""
-    scaled = image[0].float().cpu().mul(255).round_().to(torch.uint8)
-    return Image.fromarray(scaled.permute(1, 2, 0).contiguous().numpy())
+def _record_retry(stats: UpscaleStats, variant: int, passes_before: int, note: str) -> None:
+    """Log and list a retry of `variant` after running out of memory; drop the failed attempt's passes."""
+    del stats.passes[passes_before:]
+    logger.warning("variant %d: %s", variant, note)
+    stats.retries.append(note)

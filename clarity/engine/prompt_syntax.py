@@ -1,0 +1,126 @@
+"""The prompt syntax of AUTOMATIC1111 and the original Clarity Upscaler, read into plain data.
+
+- **Weighting**: `(word:1.3)`, `(word)` = x1.1, `[word]` = /1.1, nested (weights multiply),
+  `\\(` `\\)` `\\[` `\\]` for literal brackets, and `BREAK` to start a new 75-token window.
+  A weight that is not a number, `(word:abc)`, is read as A1111 reads it: the colon and the
+  text are literal and the brackets emphasise by 1.1. A malformed number such as `(word:1.2.3)`
+  is a `ParamError`.
+- **LoRA tags**: `<lora:name>`, `<lora:name:weight>` or `<lora:name:text_encoder_weight:unet_weight>`;
+  other `<kind:...>` extra-network tags are refused.
+
+Only text is handled here, no models: `PromptEncoder` (prompts.py) loads what the tags name
+and encodes the weighted fragments.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from clarity.errors import ParamError
+
+#: A1111's extra-network tag, `<kind:arguments>`; only the `lora` kind is supported here.
+_EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+
+# A1111's weighting syntax, tokenised. compel has no A1111 reader, and rewriting A1111 text
+# into compel's own syntax would mean escaping compel's operators (`+`, `-`, `.and()`, quotes)
+# in ordinary words, so this small reader produces (text, weight) fragments and compel
+# encodes them. Alternatives in order: an escaped bracket or backslash, a lone backslash,
+# an opening bracket, a `:weight)` closing, a closing bracket, plain text, a lone colon.
+_WEIGHTING_TOKEN = re.compile(r"\\[\\()\[\]]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+#: Multiplier of `(text)`; `[text]` divides by it. A1111's values.
+EMPHASIS = 1.1
+
+#: Prompt text as (text, weight) pieces, in order.
+Fragments = list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """One `<lora:name:...>` tag: the file stem and its weights on the text encoder and the UNet."""
+
+    name: str
+    text_encoder_weight: float = 1.0
+    unet_weight: float = 1.0
+
+
+def split_lora_tags(text: str, param: str) -> tuple[str, list[LoraTag]]:
+    """`text` without its `<lora:...>` tags, and the tags. Other `<kind:...>` tags are refused."""
+    tags = []
+    for match in _EXTRA_NETWORK_TAG.finditer(text):
+        kind, arguments = match.group(1), match.group(2)
+        if kind != "lora":
+            raise ParamError(param, f"{match.group(0)}: <{kind}:...> tags are not supported, only <lora:name:weight>")
+        name, *weights = (part.strip() for part in arguments.split(":"))
+        if not name:
+            raise ParamError(param, f"{match.group(0)}: the LoRA name is missing")
+        if len(weights) > 2:
+            raise ParamError(param, f"{match.group(0)}: expected <lora:name>, <lora:name:weight> or"
+                                    " <lora:name:text_encoder_weight:unet_weight>")
+        numbers = [_number(weight, param, match.group(0)) for weight in weights] or [1.0]
+        tags.append(LoraTag(name, numbers[0], numbers[-1]))
+    return _EXTRA_NETWORK_TAG.sub("", text), tags
+
+
+def parse_weighting(text: str, param: str) -> list[Fragments]:
+    """A1111 weighting: the text as segments (split at `BREAK`) of (text, weight) fragments.
+
+    Adjacent fragments of equal weight are merged and empty ones dropped; there is always at
+    least one segment.
+    """
+    pieces: list[list] = []  # [text, weight], weights multiplied in place as brackets close
+    open_round: list[int] = []
+    open_square: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for match in _WEIGHTING_TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if len(token) == 2 and token[0] == "\\":
+            pieces.append([token[1], 1.0])
+        elif token == "(":
+            open_round.append(len(pieces))
+        elif token == "[":
+            open_square.append(len(pieces))
+        elif weight is not None and open_round:
+            scale_from(open_round.pop(), _number(weight, param, f"(...:{weight})"))
+        elif token == ")" and open_round:
+            scale_from(open_round.pop(), EMPHASIS)
+        elif token == "]" and open_square:
+            scale_from(open_square.pop(), 1 / EMPHASIS)
+        else:  # text, or a bracket that closes nothing: literal, as in A1111
+            pieces.append([token, 1.0])
+    # Unclosed brackets weight everything after them, as in A1111.
+    for start in open_round:
+        scale_from(start, EMPHASIS)
+    for start in open_square:
+        scale_from(start, 1 / EMPHASIS)
+
+    segments: list[Fragments] = [[]]
+    for piece_text, piece_weight in pieces:
+        for index, part in enumerate(_BREAK.split(piece_text)):
+            if index > 0:
+                segments.append([])
+            segment = segments[-1]
+            if not part:
+                continue
+            if segment and segment[-1][1] == piece_weight:
+                segment[-1] = (segment[-1][0] + part, piece_weight)
+            else:
+                segment.append((part, piece_weight))
+    kept = [segment for segment in segments if any(t.strip() for t, _ in segment)]
+    return kept or [[("", 1.0)]]
+
+
+def _number(text: str, param: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ParamError(param, f"{where}: the weight {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ParamError(param, f"{where}: the weight must be finite, got {text!r}")
+    return value
