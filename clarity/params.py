@@ -209,9 +209,9 @@ def parse_float(name: str, text: str) -> float:
 def check_range(name: str, value: float, low: float | None, high: float | None) -> Any:
     """`value` if it lies within [low, high] (None: unbounded), else `ParamError` naming `name`."""
     if low is not None and value < low:
-        raise ParamError(name, f"must be >= {_fmt(low)}, got {_fmt(value)}")
+        raise ParamError(name, f"must be >= {format_number(low)}, got {format_number(value)}")
     if high is not None and value > high:
-        raise ParamError(name, f"must be <= {_fmt(high)}, got {_fmt(value)}")
+        raise ParamError(name, f"must be <= {format_number(high)}, got {format_number(value)}")
     return value
 
 
@@ -266,7 +266,7 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     return check_range(name, value, meta["min"], meta["max"])
 
 
-def _fmt(number: float) -> str:
+def format_number(number: float) -> str:
     """A limit or value as people write it: 4294967295, not 4.29497e+09; 0.35, not 0.35000000000000003;
     cut short if it is hostile."""
     if isinstance(number, int) or (math.isfinite(number) and float(number).is_integer()):

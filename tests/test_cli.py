@@ -123,7 +123,7 @@ def test_a_result_never_replaces_its_input(tmp_path, capsys):
     assert Image.open(tmp_path / "a.png").size == (8, 8)
 
 
-def test_a_batch_can_run_on_a_server(tiny_weights, tmp_path, tmp_path_factory, capsys):
+def test_a_batch_can_run_on_a_server(tiny_weights, tmp_path, tmp_path_factory, capsys, monkeypatch):
     from conftest import ServerProcess
 
     photos, results = tmp_path / "photos", tmp_path / "results"
@@ -147,7 +147,11 @@ def test_a_batch_can_run_on_a_server(tiny_weights, tmp_path, tmp_path_factory, c
 
         code = main(["upscale", str(photos / "a.png"), "-o", str(tmp_path / "one.png"), "--server", server.url,
                      "--api-key", "wrong"])
-        assert code == 1 and "server answered 401" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert code == 1 and "server answered 401" in err and "the key given" in err and "was refused" in err
+        monkeypatch.delenv("CLARITY_API_KEY", raising=False)
+        code = main(["upscale", str(photos / "a.png"), "-o", str(tmp_path / "one.png"), "--server", server.url])
+        assert code == 1 and "no key was sent" in capsys.readouterr().err
         code = main(["upscale", str(photos), "-o", str(tmp_path / "other"), "--server", server.url,
                      "--api-key", "sk-cli", "--model", "sdxl"])
         assert code == 1 and "does not serve model 'sdxl'; it serves clarity-upscaler" in capsys.readouterr().err
@@ -158,3 +162,108 @@ def test_a_batch_can_run_on_a_server(tiny_weights, tmp_path, tmp_path_factory, c
     assert main(["upscale", str(photos), "-o", str(tmp_path / "other"), "--server", server.url]) == 1
     assert "cannot reach the server" in capsys.readouterr().err and time.monotonic() - started < 20
     assert not (tmp_path / "other").exists()
+
+
+# --- what a first-time user hit ---------------------------------------------------------------------
+
+
+def test_the_server_client_comes_with_the_plain_install():
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    plain = [Requirement(line) for line in requires("clarity-upscaler") if "extra ==" not in line]
+    assert "openai" in {requirement.name for requirement in plain}  # `--server` needs no extra install
+
+
+def test_seed_help_shows_its_range_as_integers(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["upscale", "--help"])
+    assert "Range 0-4294967295." in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_missing_input_is_reported_before_the_model_loads(tmp_path, capsys):
+    no_weights = str(tmp_path / "no-weights")  # loading would fail with its own error
+    assert main(["upscale", str(tmp_path / "typo.png"), "-o", str(tmp_path / "o.png"), "--weights", no_weights]) == 2
+    assert "typo.png: no such file" in capsys.readouterr().err
+    make_test_image(8, 8).save(tmp_path / "a.png")
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "typo.png"), "-o", str(tmp_path / "out"),
+                 "--weights", no_weights]) == 1
+    err = capsys.readouterr().err
+    assert err.index("typo.png: no such file") < err.index("clarity weights tiny")
+
+
+def _spawn_cli(arguments: list[str], **options):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "clarity.cli", *arguments], env=env, **options)
+
+
+def test_ctrl_c_in_a_batch_is_one_line_exit_130_and_no_partial_file(tiny_weights, tmp_path):
+    import signal
+    import subprocess
+
+    photos, results = tmp_path / "photos", tmp_path / "results"
+    photos.mkdir()
+    for index in range(30):
+        make_test_image(24, 24, seed=index).save(photos / f"{index:02}.png")
+    process = _spawn_cli(["upscale", str(photos), "-o", str(results), "--weights", str(tiny_weights), "--steps", "2",
+                          "--creativity", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "wrote" in process.stdout.readline()  # the batch is under way
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "clarity: interrupted" and "Traceback" not in err
+    written = list(results.iterdir())
+    assert 1 <= len(written) < 30 and all(not path.name.startswith(".") for path in written)
+    for path in written:
+        with Image.open(path) as result:
+            result.load()  # whole, or it would not be there
+
+
+def test_on_a_terminal_progress_bars_and_messages_never_share_a_line(tiny_weights, tmp_path):
+    import os
+    import pty
+    import re
+    import threading
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        make_test_image(24, 16, seed=index).save(photos / f"{index}.png")
+    controller, terminal = pty.openpty()
+    process = _spawn_cli(["upscale", str(photos), "-o", str(tmp_path / "results"), "--weights", str(tiny_weights),
+                          "--steps", "2", "--creativity", "0.5"], stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal closed with the process
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert process.wait(120) == 0
+    reader.join(10)
+    os.close(controller)
+    screen = b"".join(chunks).decode(errors="replace")
+    # What each line shows on a terminal: the text after its last carriage return.
+    shown = [line.rsplit("\r", 1)[-1] for line in screen.replace("\r\n", "\n").split("\n")]
+    messages = [line for line in shown if re.search(r"wrote |clarity: ", line)]
+    assert len([line for line in messages if "wrote " in line]) == 3, screen
+    assert "tiny test model" in screen
+    assert not [line for line in messages if "%|" in line], screen

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
-from clarity.params import UpscaleParams, param_fields
+from clarity.params import UpscaleParams, format_number, param_fields
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ def add_param_flags(parser: argparse.ArgumentParser) -> None:
         if meta["choices"]:
             limits = f" One of: {', '.join(meta['choices'])}."
         elif meta["min"] is not None:
-            limits = f" Range {meta['min']:g}-{meta['max']:g}."
+            limits = f" Range {format_number(meta['min'])}-{format_number(meta['max'])}."
         if hints[f.name] is bool:
             # A switch: present means "true", as users expect of a flag.
             group.add_argument(*flag_names(f), dest=f.name, action="store_const", const="true", default=None,

@@ -11,9 +11,12 @@ from __future__ import annotations
 import base64
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clarity.cli.batch import Job
+
+if TYPE_CHECKING:
+    import openai
 
 #: Retries of one request that the server answered "busy" or "not ready" (429, 503, 408).
 MAX_RETRIES = 8
@@ -32,6 +35,7 @@ class RemoteUpscaler:
         import openai
 
         self.model = model
+        self.key_sent = bool(api_key)
         # The SDK insists on a key; a server without --api-key ignores whatever is sent.
         self.client = openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key or "none",
                                     max_retries=MAX_RETRIES, timeout=REQUEST_TIMEOUT)
@@ -43,11 +47,21 @@ class RemoteUpscaler:
         try:
             served = [model.id for model in self.client.with_options(max_retries=2, timeout=30).models.list()]
         except openai.APIStatusError as error:
-            raise RemoteError(_status_message(error)) from None
+            raise RemoteError(self._status_message(error)) from None
         except openai.APIConnectionError as error:
             raise RemoteError(f"cannot reach the server at {self.client.base_url}: {error}") from None
         if self.model is not None and self.model not in served:
             raise RemoteError(f"the server does not serve model {self.model!r}; it serves {', '.join(served)}")
+
+    def _status_message(self, error: openai.APIStatusError) -> str:
+        """`server answered <status>: <its message>`, and for a 401 whether a key was sent at all."""
+        body = error.body if isinstance(error.body, dict) else {}
+        message = f"server answered {error.status_code}: {body.get('message') or error.message}"
+        if error.status_code == 401:
+            hint = ("the key given (--api-key or $CLARITY_API_KEY) was refused" if self.key_sent
+                    else "no key was sent: give the server's key with --api-key or $CLARITY_API_KEY")
+            message += f" ({hint})"
+        return message
 
     def upscale(self, job: Job, fields: dict[str, str], quality: int | None, mask: Path | None) -> tuple[bytes, str]:
         """The encoded result for `job` (in `job.output_format`) and a one-line description of it.
@@ -71,15 +85,9 @@ class RemoteUpscaler:
                     image=image, prompt=prompt, response_format="b64_json", extra_body=extra, **optional
                 )
         except openai.APIStatusError as error:
-            raise RemoteError(_status_message(error)) from None
+            raise RemoteError(self._status_message(error)) from None
         except openai.APIConnectionError as error:
             raise RemoteError(f"cannot reach the server: {error}") from None
         data = response.data[0]
         # `seed` is Clarity's addition to OpenAI's image object; the SDK keeps unknown fields.
         return base64.b64decode(data.b64_json), f"{response.size} on the server; seed {getattr(data, 'seed', None)}"
-
-
-def _status_message(error) -> str:
-    """`server answered <status>: <its message>` for an `openai.APIStatusError`."""
-    body = error.body if isinstance(error.body, dict) else {}
-    return f"server answered {error.status_code}: {body.get('message') or error.message}"

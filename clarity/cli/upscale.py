@@ -7,11 +7,16 @@ plan, a `--server`'s address, key and model), before minutes of loading and work
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clarity import SpeedOptions
 from clarity.api.config import ServerConfig
@@ -67,26 +72,49 @@ def run(args: argparse.Namespace) -> int:
     if not single and len(todo) < len(jobs):
         print(f"skipping {len(jobs) - len(todo)} image(s) whose result exists in {args.output}"
               " (--overwrite redoes them)")
-    if not todo:
-        return 0
-
-    produce = _remote_producer(args, params) if args.server else _local_producer(args, params)
-    # Bars on a terminal; silence in logs and pipes, where carriage returns are noise.
-    interactive = sys.stderr.isatty()
-    if single:
-        _write(todo[0], produce, show_steps=interactive)
-        return 0
-    failed = _run_batch(todo, produce, args.concurrency if args.server else 1, interactive)
-    print(f"done: {len(todo) - len(failed)} written, {len(jobs) - len(todo)} skipped, {len(failed)} failed")
-    for source in failed:
+    # Missing inputs are said now, not after minutes of loading the model.
+    missing = [job.source for job in todo if not job.source.is_file()]
+    if single and missing:
+        raise ParamError("input", f"{missing[0]}: no such file")
+    for source in missing:
+        print(f"clarity: error: {source}: no such file", file=sys.stderr)
+    todo = [job for job in todo if job.source.is_file()]
+    failed = []
+    if todo:
+        # Bars on a terminal; silence in logs and pipes, where carriage returns are noise. Log
+        # lines (the tiny model's warning, memory retries) are written above a bar, never into it.
+        interactive = sys.stderr.isatty()
+        with _warnings_on_stderr(), logging_redirect_tqdm(loggers=[logging.getLogger("clarity")]):
+            produce = _remote_producer(args, params) if args.server else _local_producer(args, params)
+            if single:
+                _write(todo[0], produce, show_steps=interactive)
+                return 0
+            failed = _run_batch(todo, produce, args.concurrency if args.server else 1, interactive)
+    print(f"done: {len(todo) - len(failed)} written, {len(jobs) - len(todo) - len(missing)} skipped,"
+          f" {len(missing) + len(failed)} failed")
+    for source in [*missing, *failed]:
         print(f"failed: {source}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if missing or failed else 0
+
+
+@contextlib.contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """The `clarity` loggers' warnings (the tiny test model, memory retries) on stderr while a command runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("clarity: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("clarity")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _write(job: Job, produce: Producer, show_steps: bool = False) -> None:
     data, description = produce(job, show_steps)
     write_atomically(job.target, data)
-    print(f"wrote {job.target} {description}")
+    tqdm.write(f"wrote {job.target} {description}")  # above any progress bar, not into it
 
 
 def _run_batch(todo: list[Job], produce: Producer, concurrency: int, interactive: bool) -> list[Path]:
@@ -96,8 +124,6 @@ def _run_batch(todo: list[Job], produce: Producer, concurrency: int, interactive
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
-
     failed: list[Path] = []
 
     def write_or_report(job: Job) -> None:
@@ -106,8 +132,8 @@ def _run_batch(todo: list[Job], produce: Producer, concurrency: int, interactive
         except Exception as error:  # one bad image must not cost the rest of the batch
             failed.append(job.source)
             known = isinstance(error, ClarityError | RemoteError)
-            print(f"clarity: error: {job.source}: {error if known else f'{type(error).__name__}: {error}'}",
-                  file=sys.stderr)
+            tqdm.write(f"clarity: error: {job.source}: {error if known else f'{type(error).__name__}: {error}'}",
+                       file=sys.stderr)
 
     if concurrency == 1:  # on this machine the model is the bottleneck
         for job in tqdm(todo, unit="image", disable=not interactive):
@@ -125,8 +151,6 @@ def _run_batch(todo: list[Job], produce: Producer, concurrency: int, interactive
 
 def _local_producer(args: argparse.Namespace, params: UpscaleParams) -> Producer:
     """Load the model once; return the producer that upscales on this machine."""
-    from tqdm import tqdm
-
     from clarity import ProgressEvent, Upscaler
     from clarity.imageio import encode_image
     from clarity.models.catalogue import Catalogue, upscaler_kwargs
@@ -135,8 +159,6 @@ def _local_producer(args: argparse.Namespace, params: UpscaleParams) -> Producer
     model_id = catalogue.model_id(args.model)
     upscaler = Upscaler.from_pretrained(**upscaler_kwargs(catalogue, model_id), device=args.device,
                                         speed=options_from_args(SpeedOptions, args))
-    if upscaler.tiny_model:
-        print("note: using the tiny test model; its output has no meaningful detail", file=sys.stderr)
 
     def produce(job: Job, show_steps: bool) -> tuple[bytes, str]:
         bar = tqdm(total=100, unit="%", disable=not show_steps, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
