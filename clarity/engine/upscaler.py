@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: Largest factor of a single pass; larger scale factors chain passes (the original's scheme).
 MAX_PASS_FACTOR = 2.0
 #: Logged, with the model's name, whenever an `Upscaler` is made for the tiny test model (see
-#: clarity/models/tiny.py), so that nobody mistakes its outputs for what a real model gives.
+#: clarity/testing/tiny.py), so that nobody mistakes its outputs for what a real model gives.
 TINY_MODEL_WARNING = "model %s is the tiny test model: its outputs have no meaningful detail"
 
 
