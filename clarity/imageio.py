@@ -9,6 +9,7 @@ afterwards (alpha, grayscale).
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -63,6 +64,12 @@ DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096
 ASPECT_TOLERANCE = 0.01
 
 ImageSource = Image.Image | str | Path | bytes | BinaryIO
+
+
+def output_size(size: tuple[int, int], scale_factor: float) -> tuple[int, int]:
+    """The size of an upscale of `size` by `scale_factor`: round(side x scale_factor) for each side
+    (halves round up), at least 1 pixel. The engine makes exactly this size; the API checks it."""
+    return tuple(max(1, math.floor(side * scale_factor + 0.5)) for side in size)  # type: ignore[return-value]
 
 
 def same_aspect_ratio(size: tuple[int, int], other: tuple[int, int]) -> bool:

@@ -73,8 +73,8 @@ def running_server(weights, output_dir, **options) -> Iterator:
     from clarity.api.config import ServerConfig
     from clarity.serving.litserve.server import build_server
 
-    server = build_server(ServerConfig(weights=weights, accelerator="cpu", output_dir=output_dir,
-                                       public_url="http://testserver", **options))
+    options = {"public_url": "http://testserver", **options}
+    server = build_server(ServerConfig(weights=weights, accelerator="cpu", output_dir=output_dir, **options))
     with contextlib.ExitStack() as stack:
         with pytest.MonkeyPatch.context() as patch:
             # Read by the worker spawned here: two torch threads per worker on a busy two-core

@@ -130,6 +130,7 @@ def test_unknown_dtype_and_device_are_refused_by_name():
 def test_cuda_without_cuda_names_the_flag(tiny_weights, tmp_path, capsys):
     with pytest.raises(ParamError, match="--device cuda: CUDA is not available"):
         resolve_device("cuda")
+    make_test_image(16, 16).save(tmp_path / "in.png")
     code = main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"),
                  "--weights", str(tiny_weights), "--device", "cuda:1"])
     assert code == 2 and "--device cuda:1: CUDA is not available" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The official OpenAI JavaScript SDK (`openai` on npm, pinned in tests/js) against a real server.
+"""The official OpenAI JavaScript SDK (`openai` on npm, pinned in tests/js), and curl, against a real server.
 
 Needs Node and `npm ci --prefix tests/js` (part of the README's test command); without Node the
 tests are skipped with that reason.
@@ -70,7 +70,7 @@ def test_a_url_result_can_be_fetched(server, image_path):
     ("request_fields", "status", "error_class", "param"),
     [
         ({"creativity": 7}, 400, "BadRequestError", "creativity"),
-        ({"size": "80x40"}, 400, "BadRequestError", "size"),
+        ({"size": "20x20"}, 400, "BadRequestError", "size"),  # a box smaller than the image
         ({"model": "dall-e-2"}, 404, "NotFoundError", "model"),
     ],
 )
@@ -84,3 +84,27 @@ def test_errors_reach_the_sdk_as_its_own_classes_naming_the_field(server, image_
 def test_a_wrong_key_is_an_authentication_error(server, image_path):
     result = sdk_call(server, image_path, key="sk-wrong", **FAST)
     assert (result["ok"], result["status"], result["class"]) == (False, 401, "AuthenticationError"), result
+
+
+@pytest.mark.parametrize("size", ["256x256", "512x512", "1024x1024", "1536x1024", "1024x1536", "auto"])
+def test_every_sdk_size_fits_a_non_square_photo(server, image_path, size):
+    # The photo is 40x32: the output is the largest upscale that fits in the box, at most 16x.
+    result = sdk_call(server, image_path, size=size, response_format="b64_json", num_inference_steps=1,
+                      creativity=0.3)
+    assert result["ok"], result
+    width, height = Image.open(io.BytesIO(base64.b64decode(result["response"]["data"][0]["b64_json"]))).size
+    assert result["response"]["size"] == f"{width}x{height}"
+    box = (2 * 40, 2 * 32) if size == "auto" else tuple(int(side) for side in size.split("x"))
+    assert width <= box[0] and height <= box[1] and abs(width / height - 40 / 32) < 0.02
+    assert width == min(box[0], 16 * 40) or height == min(box[1], 16 * 32)
+
+
+def test_curl_with_a_size_box(server, image_path):
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed (the README's examples use it; .ci/run installs it)")
+    command = ["curl", "-sS", f"{server.url}/v1/images/edits", "-H", f"Authorization: Bearer {KEY}",
+               "-F", "model=clarity-upscaler", "-F", f"image=@{image_path}", "-F", "prompt=a photo",
+               "-F", "size=1024x1024", "-F", "response_format=b64_json", "-F", "num_inference_steps=1"]
+    body = json.loads(subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout)
+    image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert image.size == (640, 512) and body["size"] == "640x512"  # 16x, the most that fits and is allowed

@@ -442,6 +442,14 @@ def in_background(function) -> tuple[threading.Thread, list]:
     return thread, result
 
 
+def test_a_url_result_points_where_the_client_came_from(served):
+    response = served.http.post("/v1/images/edits", headers={**AUTH, "Host": f"clarity.lan:{served.port}"},
+                                files={"image": ("a.png", png(16, 16), "image/png")}, data=FAST)
+    url = httpx.URL(response.json()["data"][0]["url"])
+    assert (url.host, url.port) == ("clarity.lan", served.port)  # not localhost
+    assert served.http.get(url.path).status_code == 200
+
+
 def test_a_request_queued_past_the_deadline_gets_a_504_without_waiting_for_the_worker(served):
     slow, slow_result = in_background(lambda: post_edit(served.http, png(128, 128), **SLOW))
     time.sleep(0.5)
@@ -546,7 +554,7 @@ def test_a_queued_request_whose_client_left_is_skipped(tiny_weights, tmp_path):
     from clarity.api.results import LocalResultStore
     from clarity.models.catalogue import Catalogue
     from clarity.serving.litserve.api import EditsLitAPI
-    from clarity.serving.litserve.patches import REQUEST_ID_FIELD
+    from clarity.serving.litserve.patches import BASE_URL_FIELD, REQUEST_ID_FIELD
     from clarity.serving.litserve.queue import CancelRegistry
 
     registry = CancelRegistry(tmp_path / "cancelled")
@@ -562,7 +570,8 @@ def test_a_queued_request_whose_client_left_is_skipped(tiny_weights, tmp_path):
 
     class Form:
         def __init__(self, request_id: str) -> None:
-            self.items = [(REQUEST_ID_FIELD, request_id), ("image", Upload(png(16, 16))), ("prompt", "x")]
+            self.items = [(REQUEST_ID_FIELD, request_id), (BASE_URL_FIELD, "http://x"), ("image", Upload(png(16, 16))),
+                          ("prompt", "x")]
 
         def multi_items(self):
             return self.items

@@ -10,6 +10,7 @@ import base64
 import io
 import os
 import time
+from urllib.parse import urlsplit
 
 import numpy as np
 import openai
@@ -108,6 +109,27 @@ def test_scale_factor_and_size_set_the_output_size(client):
     assert decode(agreeing.data[0].b64_json).size == (120, 96)
 
 
+#: The sizes the typed SDKs offer, and the output each gives a 48x32 photo and a 32x48 one: the largest
+#: upscale that fits in the box, at most 16x.
+SDK_SIZES = [
+    ("256x256", (256, 171), (171, 256)),
+    ("512x512", (512, 341), (341, 512)),
+    ("1024x1024", (768, 512), (512, 768)),
+    ("1536x1024", (768, 512), (512, 768)),
+    ("1024x1536", (768, 512), (512, 768)),
+    ("auto", (96, 64), (64, 96)),
+]
+
+
+@pytest.mark.parametrize(("size", "landscape", "portrait"), SDK_SIZES)
+def test_size_is_a_box_the_output_fits_in_for_every_sdk_size(client, size, landscape, portrait):
+    for photo, expected in (((48, 32), landscape), ((32, 48), portrait)):
+        response = edit(client, image=("photo.png", png_bytes(*photo), "image/png"), size=size,
+                        response_format="b64_json", extra_body={"num_inference_steps": 1, "creativity": 0.3})
+        assert decode(response.data[0].b64_json).size == expected
+        assert response.size == f"{expected[0]}x{expected[1]}"  # the real output size
+
+
 def test_seed_changes_pixels_and_n_gives_consecutive_seeds(client):
     def pixels(response, index=0):
         return np.asarray(decode(response.data[index].b64_json), dtype=np.int16)
@@ -195,9 +217,10 @@ def test_unknown_model_is_not_found(client):
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"size": "80x40"}, "size"),  # not the input's aspect ratio
-        ({"size": "800x640"}, "size"),  # scale 20 is over the limit
-        ({"size": "60x48", "extra_body": {"scale_factor": 3}}, "size"),  # says 1.5x, scale_factor 3x
+        ({"size": "20x20"}, "size"),  # a box smaller than the 40x32 image
+        ({"size": "400x30"}, "size"),  # no room for the image's height
+        ({"size": "60x48", "extra_body": {"scale_factor": 3}}, "size"),  # a 120x96 output does not fit
+        ({"size": "big"}, "size"),
         ({"n": 5}, "n"),
         ({"output_format": "bmp"}, "output_format"),
         ({"response_format": "json"}, "response_format"),
@@ -314,6 +337,48 @@ def test_body_over_the_limit_is_a_413_even_without_a_content_length(http):
     )
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+# --- result URLs a remote client can open --------------------------------------------------------
+
+
+def _url_for(http, headers: dict[str, str]) -> str:
+    response = http.post("/v1/images/edits", files={"image": ("a.png", png_bytes(16, 16), "image/png")},
+                         data={"prompt": "x", **FAST}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()["data"][0]["url"]
+
+
+def test_result_urls_follow_the_host_the_client_came_by(tiny_weights, tmp_path_factory):
+    with running_server(tiny_weights, tmp_path_factory.mktemp("by-host"), public_url=None) as http:
+        url = _url_for(http, {"Host": "gpu-box.studio.lan:8000"})
+        assert url.startswith("http://gpu-box.studio.lan:8000/v1/files/")  # never localhost
+        assert http.get(urlsplit(url).path).status_code == 200
+        # Forwarded headers count only from proxies the server is told to trust.
+        forged = {"Host": "gpu-box", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "elsewhere.example"}
+        assert _url_for(http, forged).startswith("http://gpu-box/v1/files/")
+    with running_server(tiny_weights, tmp_path_factory.mktemp("proxied"), public_url=None,
+                        forwarded_allow_ips=("*",)) as http:
+        proxied = {"Host": "127.0.0.1:8000", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "upscale.studio.com"}
+        assert _url_for(http, proxied).startswith("https://upscale.studio.com/v1/files/")
+
+
+def test_forwarded_headers_are_trusted_by_address_or_network():
+    from clarity.api.http import ForwardedHeaders
+
+    def scope(client: str) -> dict:
+        headers = [(b"host", b"10.0.0.5:8000"), (b"x-forwarded-proto", b"https, http"),
+                   (b"x-forwarded-host", b"photos.example, internal")]
+        return {"type": "http", "scheme": "http", "headers": headers, "client": (client, 50000)}
+
+    forwarded = ForwardedHeaders(["10.1.0.0/16", "192.168.0.7"])
+    assert forwarded.base_url(scope("10.1.2.3")) == "https://photos.example"
+    assert forwarded.base_url(scope("192.168.0.7")) == "https://photos.example"
+    assert forwarded.base_url(scope("192.168.0.8")) == "http://10.0.0.5:8000"
+    assert ForwardedHeaders().base_url(scope("10.1.2.3")) == "http://10.0.0.5:8000"
+    with pytest.raises(ParamError) as caught:
+        ServerConfig(forwarded_allow_ips=("proxy.example",))
+    assert caught.value.param == "forwarded_allow_ips"
 
 
 # --- pieces --------------------------------------------------------------------------------------

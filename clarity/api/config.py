@@ -6,6 +6,7 @@ the runtimes read nothing else, and the inference workers receive it whole (it p
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from clarity.params import check_range
 DEFAULT_WEIGHTS = Path("weights")
 
 
-def model_ids(text: str) -> tuple[str, ...]:
+def comma_list(text: str) -> tuple[str, ...]:
     """`--models a, b` -> ("a", "b")."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -28,6 +29,14 @@ def model_ids(text: str) -> tuple[str, ...]:
 def device_count(text: str) -> int | str:
     """`--devices 2` -> 2; `auto` stays a word."""
     return int(text) if text.strip().isdigit() else text.strip()
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class ServerConfig:
     )
     models: tuple[str, ...] | None = option(
         None, "Serve only these model ids of the weights root (default: all; each is loaded in every worker).",
-        metavar="ID,ID", parse=model_ids,
+        metavar="ID,ID", parse=comma_list,
     )
     default_model: str | None = option(
         None, "Model for requests that name none (default: clarity-upscaler if served, else the first id).",
@@ -59,8 +68,13 @@ class ServerConfig:
         None, "Where url-mode results are kept (default: a new temporary folder).", metavar="DIR"
     )
     public_url: str | None = option(
-        None, "Base URL clients reach this server at, used in result URLs (default: http://localhost:PORT).",
-        metavar="URL",
+        None, "Base URL of result URLs, for every client (default: the scheme and Host each request came by,"
+        " so a client that came by another name than localhost can open its URLs).", metavar="URL",
+    )
+    forwarded_allow_ips: tuple[str, ...] = option(
+        (), "Reverse proxies (addresses or networks, comma-separated, or *) whose X-Forwarded-Proto and"
+        " X-Forwarded-Host say how clients reached the server, as uvicorn's option of that name (default: none).",
+        metavar="IP,IP", parse=comma_list,
     )
     result_ttl_seconds: float = option(3600.0, "Seconds a url-mode result stays downloadable.", min=0)
     max_payload_mb: float = option(50.0, "Largest request body accepted, in MB.", min=0)
@@ -105,10 +119,13 @@ class ServerConfig:
                 raise ParamError(f.name, f"must be one of {', '.join(meta['choices'])}; got {echo(str(value))}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 check_range(f.name, value, meta["min"], meta["max"])
+        for entry in self.forwarded_allow_ips:
+            if entry != "*" and not _is_network(entry):
+                raise ParamError("forwarded_allow_ips", f"expected addresses, networks or *; got {echo(entry)}")
 
     @property
     def base_url(self) -> str:
-        """The URL result links start with: `public_url`, else this machine's port on localhost."""
+        """Where result URLs point when no request says better: `public_url`, else this machine on localhost."""
         return (self.public_url or f"http://localhost:{self.port}").rstrip("/")
 
     @property

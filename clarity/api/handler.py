@@ -77,13 +77,19 @@ class EditHandler:
                 max_output_pixels=self.config.max_output_pixels, speed=self.config.speed,
             )
 
-    def parse(self, items: Iterable[tuple[str, Any]], request_id: str | None = None) -> wire.EditRequest:
-        """Validate a form into an `EditRequest`; every mistake is an `APIError` naming its field."""
+    def parse(
+        self, items: Iterable[tuple[str, Any]], request_id: str | None = None, base_url: str | None = None
+    ) -> wire.EditRequest:
+        """Validate a form into an `EditRequest`; every mistake is an `APIError` naming its field.
+
+        `base_url` is how the client reached the server (its result URLs start there, unless the
+        server has a `public_url`).
+        """
         try:
             edit = wire.parse_edit_form(items, self.catalogue.models, max_input_pixels=self.config.max_input_pixels)
         except ClarityError as error:
             raise api_error(error) from None
-        return dataclasses.replace(edit, request_id=request_id)
+        return dataclasses.replace(edit, request_id=request_id, base_url=base_url)
 
     def run(self, request: wire.EditRequest, cancelled: Callable[[], bool] = _never) -> UpscaleResult:
         """Upscale `request`, checking the compute deadline and `cancelled()` after every denoising step."""
@@ -120,6 +126,12 @@ class EditHandler:
         log.finished(f"{len(result.images)} image(s) of {out_width}x{out_height}")
         return result
 
+    def _base_url(self, request: wire.EditRequest) -> str:
+        """Where the request's result URLs point: the server's `public_url`, else where its client came."""
+        if self.config.public_url or not request.base_url:
+            return self.config.base_url
+        return request.base_url.rstrip("/")
+
     def respond(self, request: wire.EditRequest, result: UpscaleResult) -> dict[str, Any]:
         """The `ImagesResponse` body: each image encoded, inline or stored for url mode."""
         data = []
@@ -128,7 +140,8 @@ class EditHandler:
             if request.response_format == "b64_json":
                 item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
             else:
-                item = {"url": result_url(self.config.base_url, self.results.save(encoded, request.output_format))}
+                name = self.results.save(encoded, request.output_format)
+                item = {"url": result_url(self._base_url(request), name)}
             # `seed` is Clarity's addition: what to send to reproduce this variant alone.
             data.append({**item, "revised_prompt": request.params.prompt, "seed": seed})
         sizes = [image.size for image in result.images]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -28,6 +29,46 @@ logger = logging.getLogger(__name__)
 
 #: Routes anyone may call: load balancers probe /health without credentials.
 OPEN_PATHS = frozenset({"/health"})
+
+
+class ForwardedHeaders:
+    """How a client reached the server: the request's own scheme and `Host`, or, from a trusted reverse
+    proxy, its `X-Forwarded-Proto` and `X-Forwarded-Host`.
+
+    `trusted` holds addresses, networks or "*" (uvicorn's `--forwarded-allow-ips`). Hand-written
+    because uvicorn's own proxy middleware reads the protocol but not the host.
+    """
+
+    def __init__(self, trusted: Iterable[str] = ()) -> None:
+        entries = tuple(trusted)
+        self.trust_all = "*" in entries
+        self.networks = [ipaddress.ip_network(entry, strict=False) for entry in entries if entry != "*"]
+
+    def base_url(self, scope: Scope) -> str:
+        """`scheme://host` as the client used it, for result URLs that client can open."""
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        scheme, host = scope.get("scheme", "http"), headers.get("host")
+        if self._trusts(scope.get("client")):
+            scheme = _first(headers.get("x-forwarded-proto")) or scheme
+            host = _first(headers.get("x-forwarded-host")) or host
+        if not host:  # HTTP/1.0 without a Host: the address the request arrived at
+            address, port = scope.get("server") or ("localhost", None)
+            host = f"{address}:{port}" if port else address
+        return f"{scheme}://{host}"
+
+    def _trusts(self, client: tuple[str, int] | None) -> bool:
+        if self.trust_all:
+            return True
+        try:
+            address = ipaddress.ip_address(client[0]) if client else None
+        except ValueError:  # not an IP (a unix socket, a test client)
+            return False
+        return address is not None and any(address in network for network in self.networks)
+
+
+def _first(value: str | None) -> str | None:
+    """The first of a proxy chain's comma-separated values (the one the client's side set)."""
+    return value.split(",")[0].strip() or None if value else None
 
 
 def json_error(error: APIError) -> Response:

@@ -11,9 +11,11 @@
 - `prompt`: the engine's `prompt` (OpenAI requires it; an empty string is a valid prompt);
   at most `MAX_PROMPT_CHARS` characters, as is `negative_prompt`.
 - `n`: 1-4 variants, using seeds seed, seed+1, ...
-- `size`: `WxH` sets the scale factor from the width; its aspect ratio must match the
-  input's within 1 %. Sent with `scale_factor`, the two must agree (within 1 %), else 400.
-  `auto` or absent keeps the default scale.
+- `size`: `WxH` is a box the output fits in: the output is the largest upscale of the image
+  whose sides both fit within W and H (scale = min(W/w, H/h), at most the largest scale factor),
+  so any photo works with any of the sizes the typed SDKs offer; a box smaller than the image is
+  a 400. Sent with `scale_factor`, that output must fit in the box, else 400. `auto` or absent
+  keeps the default scale. The response's `size` is the real output size.
 - `response_format`: `url` (default) or `b64_json`.
 - `output_format`: png (default), jpeg, webp, avif or gif.
 - `output_compression`: 0-100, used as the encoder's quality for jpeg, webp and avif
@@ -31,6 +33,7 @@ Nothing here knows about tiles or latents: engine fields come from `clarity.para
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -39,8 +42,8 @@ from typing import Any, get_args, get_type_hints
 from PIL import Image
 
 from clarity.api.errors import invalid, model_not_found
-from clarity.errors import ParamError, echo
-from clarity.imageio import ASPECT_TOLERANCE, OUTPUT_FORMATS, load_image, same_aspect_ratio
+from clarity.errors import echo
+from clarity.imageio import OUTPUT_FORMATS, load_image, output_size
 from clarity.params import UpscaleParams, check_range, did_you_mean, param_fields, parse_bool, parse_int
 
 #: Where the SDKs post `images.edit` (relative to the host; base_url ends in /v1).
@@ -61,7 +64,7 @@ OPENAI_FIELDS: dict[str, str] = {
     "model": "a model id from GET /v1/models (default: the server's default model)",
     "prompt": "what the added detail should look like",
     "n": f"number of variants, 1-{MAX_VARIANTS}",
-    "size": "WxH output size (sets the scale factor) or auto",
+    "size": "WxH: a box the output fits in (the largest upscale that fits), or auto",
     "response_format": "url or b64_json",
     "output_format": " or ".join(OUTPUT_FORMATS),
     "output_compression": "0-100, quality of lossy formats",
@@ -77,6 +80,10 @@ OPENAI_FIELDS: dict[str, str] = {
 CLARITY_FIELDS: dict[str, str] = {
     "sd_model": "alias of model (the original Clarity's name for it)",
 }
+#: `size`: a box WIDTHxHEIGHT, in plain ASCII digits.
+_SIZE = re.compile(r"([0-9]{1,6})x([0-9]{1,6})")
+#: The largest scale factor, which a large `size` box is held to.
+MAX_SCALE_FACTOR: float = next(f for f in param_fields() if f.name == "scale_factor").metadata["max"]
 #: The SDK names a list of images `image[]`.
 _IMAGE_FIELDS = ("image", "image[]")
 
@@ -142,6 +149,8 @@ class EditRequest:
     model: str | None = None
     #: The server's own id for the HTTP request (returned as `x-request-id`); None outside a server.
     request_id: str | None = None
+    #: How the client reached the server (`scheme://host`), for result URLs it can open.
+    base_url: str | None = None
 
 
 def _is_file(value: Any) -> bool:
@@ -165,25 +174,27 @@ def _integer(name: str, text: str, low: int, high: int) -> int:
     return check_range(name, parse_int(name, text), low, high)
 
 
-def scale_for_size(size: str, image_size: tuple[int, int]) -> float | None:
-    """The scale factor a `size` of "WxH" asks for (None for "auto"), checked against the input's shape."""
+def parse_size(size: str) -> tuple[int, int] | None:
+    """The box a `size` of "WxH" names, or None for "auto" (or nothing)."""
     text = size.strip().lower()
     if text in ("", "auto"):
         return None
-    try:
-        width, height = (int(part) for part in text.split("x"))
-        if width < 1 or height < 1:
-            raise ValueError
-    except ValueError:
-        raise invalid("size", f"size must be WIDTHxHEIGHT (e.g. 1024x768) or auto; got {echo(size)}") from None
-    in_width, in_height = image_size
-    if not same_aspect_ratio((width, height), image_size):
+    match = _SIZE.fullmatch(text)
+    if match is None or 0 in (box := (int(match[1]), int(match[2]))):
+        raise invalid("size", f"size must be WIDTHxHEIGHT (e.g. 1024x1024) or auto; got {echo(size)}")
+    return box
+
+
+def scale_to_fit(box: tuple[int, int], image_size: tuple[int, int]) -> float:
+    """The scale factor of the largest upscale of `image_size` that fits in `box`, at most the largest
+    scale factor; a box smaller than the image is refused (an upscale never shrinks)."""
+    scale = min(box[0] / image_size[0], box[1] / image_size[1])
+    if scale < 1:
         raise invalid(
-            "size",
-            f"size {width}x{height} does not have the input's aspect ratio ({in_width}x{in_height});"
-            f" an upscale keeps the shape, e.g. {width}x{round(width * in_height / in_width)}",
+            "size", f"size {box[0]}x{box[1]} is smaller than the image ({image_size[0]}x{image_size[1]}); the output"
+            f" fits in that box, so it must be at least as large, e.g. {2 * image_size[0]}x{2 * image_size[1]}",
         )
-    return width / in_width
+    return min(scale, MAX_SCALE_FACTOR)
 
 
 def parse_edit_form(
@@ -255,23 +266,20 @@ def _collect_fields(items: Iterable[tuple[str, Any]]) -> tuple[dict[str, Any], A
 def _apply_size(
     size: str, image_size: tuple[int, int], params: UpscaleParams, scale_factor_sent: bool
 ) -> UpscaleParams:
-    """`params` with the scale factor `size` asks for; with `scale_factor` also sent, the two must agree."""
-    scale = scale_for_size(size, image_size)
-    if scale is None:
+    """`params` with the scale factor the box `size` asks for; with `scale_factor` also sent, its output
+    must fit in the box (an SDK may always send a size), and the box never silently wins."""
+    box = parse_size(size)
+    if box is None:
         return params
-    if scale_factor_sent:
-        # Both are allowed when they agree (an SDK may always send a size); never pick one silently.
-        if not math.isclose(scale, params.scale_factor, rel_tol=ASPECT_TOLERANCE):
-            raise invalid(
-                "size",
-                f"size {size} means a scale factor of {scale:.3g}, but scale_factor is"
-                f" {params.scale_factor:g}; send one of them, or two that agree",
-            )
-        return params
-    try:
-        return params.replace(scale_factor=scale)
-    except ParamError as error:
-        raise invalid("size", f"size {size} means a scale factor of {scale:.3g}, which {error.message}") from None
+    if not scale_factor_sent:
+        return params.replace(scale_factor=scale_to_fit(box, image_size))
+    width, height = output_size(image_size, params.scale_factor)
+    if width > box[0] or height > box[1]:
+        raise invalid(
+            "size", f"scale_factor {params.scale_factor:g} makes a {width}x{height} output, which does not fit in"
+            f" size {box[0]}x{box[1]}; send one of them, or a box the output fits in",
+        )
+    return params
 
 
 def _model_field(fields: dict[str, Any], models: Collection[str]) -> str | None:

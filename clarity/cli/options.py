@@ -113,7 +113,7 @@ def _help(field: dataclasses.Field, default: Any) -> str:
     meta = field.metadata
     text = meta["help"].rstrip(".")
     env = f"${meta['env']}" if meta.get("env") else None
-    if field.default is None:
+    if field.default in (None, ()):
         return f"{text} ({env} if set)." if env else f"{text}."
     shown = f"{field.default:g}" if isinstance(field.default, float) else field.default
     return f"{text} (default: {shown}{f', or {env}' if env else ''})."

@@ -1,4 +1,4 @@
-"""Whole images around the passes: output sizes, the input's downscale, the keep mask, and tensors.
+"""Whole images around the passes: the input's downscale, the keep mask, and tensors.
 
 The pipeline works on (1, 3, H, W) float32 tensors in [0, 1]; `pil_to_tensor` and
 `tensor_to_pil` convert RGB PIL images to and from them with diffusers' scaling and rounding.
@@ -6,20 +6,12 @@ The pipeline works on (1, 3, H, W) float32 tensors in [0, 1]; `pil_to_tensor` an
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
 from clarity.errors import ParamError
-from clarity.imageio import same_aspect_ratio
-
-
-def output_size(size: tuple[int, int], scale_factor: float) -> tuple[int, int]:
-    """round(side x scale_factor) for each side (halves round up), at least 1 pixel."""
-    return tuple(max(1, math.floor(side * scale_factor + 0.5)) for side in size)  # type: ignore[return-value]
-
+from clarity.imageio import output_size, same_aspect_ratio
 
 #: Blur radius (output pixels) of the mask's edge, as in the original Clarity.
 MASK_BLUR_RADIUS = 5

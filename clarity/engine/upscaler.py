@@ -25,7 +25,7 @@ from clarity.engine.acceleration import (
     resolve_device,
     resolve_dtype,
 )
-from clarity.engine.images import keep_mask, output_size, pil_to_tensor, shrink_to, tensor_to_pil
+from clarity.engine.images import keep_mask, pil_to_tensor, shrink_to, tensor_to_pil
 from clarity.engine.memory import with_memory_retries
 from clarity.engine.pipeline import PassSettings, TiledUpscalePipeline
 from clarity.engine.postprocess import color_fix, sharpen
@@ -39,6 +39,7 @@ from clarity.imageio import (
     ImageSource,
     join_from_model,
     load_image,
+    output_size,
     split_for_model,
 )
 from clarity.params import UpscaleParams

@@ -18,7 +18,7 @@ from clarity.api import wire
 from clarity.api.errors import APIError
 from clarity.api.handler import EditHandler, client_gone
 from clarity.api.logs import configure_logging
-from clarity.serving.litserve.patches import split_request_id
+from clarity.serving.litserve.patches import split_tags
 from clarity.serving.litserve.queue import CancelRegistry
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ class EditsLitAPI(ls.LitAPI):
     # `request` stays unannotated: LitServe reads the annotation as the endpoint's request type
     # (a starlette Request), and hands this method the parsed multipart form.
     def decode_request(self, request) -> wire.EditRequest:
-        request_id, items = split_request_id(request.multi_items())
+        request_id, base_url, items = split_tags(request.multi_items())
         try:
             if self.cancellations.is_cancelled(request_id):
                 logger.warning("request %s skipped: its client disconnected while it was queued", request_id)
                 raise client_gone()
-            return self.handler.parse(items, request_id)
+            return self.handler.parse(items, request_id, base_url)
         except APIError as error:
             raise http_error(error) from None
 

@@ -176,39 +176,41 @@ class SupervisedLitServer(ls.LitServer):
         return super().launch_single_inference_worker(lit_api, worker_id)
 
 
-# --- the request id: which HTTP request a form in a worker came from ------------------------------
+# --- the request's id and address: what a worker must know of the HTTP request a form came from ---
 
-#: The form field carrying the id. It always comes first (it is prepended); a client sending a
-#: field of this name gets the usual "unknown parameter" error for it.
+#: The form fields carrying them. They always come first, in this order (they are prepended); a
+#: client sending fields of these names gets the usual "unknown parameter" error for them.
 REQUEST_ID_FIELD = "clarity_request_id"
+BASE_URL_FIELD = "clarity_base_url"
 
 
-def split_request_id(items: list[tuple[str, Any]]) -> tuple[str | None, list[tuple[str, Any]]]:
-    """The request id `tag_request` put first in a form, and the form's own fields."""
-    if items and items[0][0] == REQUEST_ID_FIELD:
-        return items[0][1], items[1:]
-    return None, items
+def split_tags(items: list[tuple[str, Any]]) -> tuple[str | None, str | None, list[tuple[str, Any]]]:
+    """The request id and base URL `tag_request` put first in a form, and the form's own fields."""
+    if len(items) >= 2 and (items[0][0], items[1][0]) == (REQUEST_ID_FIELD, BASE_URL_FIELD):
+        return items[0][1], items[1][1], items[2:]
+    return None, None, items
 
 
 @contextlib.asynccontextmanager
 async def tag_request(
-    scope: Scope, receive: Receive, send: Send, on_disconnect: Callable[[str], None]
+    scope: Scope, receive: Receive, send: Send, base_url: str, on_disconnect: Callable[[str], None]
 ) -> AsyncIterator[tuple[str, tuple[Scope, Receive, Send]]]:
-    """A fresh request id, and (scope, receive, send) for the app with the id inside the body.
+    """A fresh request id, and (scope, receive, send) for the app with the id and `base_url` in the body.
 
     LitServe 0.2.19 hands `decode_request` the parsed form and nothing else of the HTTP request,
-    and cannot withdraw a queued request. So the id travels as a form field put in front of the
-    multipart body (the form is parsed after this, in the HTTP process, and reaches the worker
-    whole), and when the client disconnects before its answer is sent, `on_disconnect(id)` is
-    called, so that workers can skip or stop its work. The id is also sent back as the
-    `x-request-id` header (the OpenAI SDKs expose it as `response._request_id`).
+    and cannot withdraw a queued request. So the id, and the base URL the client reached the
+    server at (for result URLs it can open), travel as form fields put in front of the multipart
+    body (the form is parsed after this, in the HTTP process, and reaches the worker whole), and
+    when the client disconnects before its answer is sent, `on_disconnect(id)` is called, so that
+    workers can skip or stop its work. The id is also sent back as the `x-request-id` header (the
+    OpenAI SDKs expose it as `response._request_id`).
     Guarded by test_robustness.py::test_a_client_that_hangs_up_stops_its_running_upscale and
     test_logs.py (the id in the worker's log lines is the one the client got).
 
     `scope` must be a multipart/form-data request with a boundary.
     """
     request_id = f"req_{secrets.token_hex(16)}"  # OpenAI's shape; also a safe file name
-    tagged_scope, prefix = _with_form_field(scope, REQUEST_ID_FIELD, request_id)
+    tagged_scope, prefix = _with_form_fields(scope, {REQUEST_ID_FIELD: request_id, BASE_URL_FIELD: base_url})
     state = {"prefix_sent": False, "body_done": False, "answered": False}
     disconnected: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
     watcher: list[asyncio.Task[None]] = []
@@ -246,12 +248,13 @@ async def tag_request(
             task.cancel()
 
 
-def _with_form_field(scope: Scope, name: str, value: str) -> tuple[Scope, bytes]:
-    """`scope` with its Content-Length grown by the multipart part that sends `name=value` first, and that part."""
+def _with_form_fields(scope: Scope, fields: dict[str, str]) -> tuple[Scope, bytes]:
+    """`scope` with its Content-Length grown by the multipart parts that send `fields` first, and those parts."""
     _, options = parse_options_header(dict(scope["headers"]).get(b"content-type", b""))
-    part = (
+    part = b"".join(
         b"--" + options[b"boundary"] + b"\r\n"
         + f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
     )
     headers = [
         (header, str(int(text) + len(part)).encode() if header.lower() == b"content-length" else text)

@@ -3,12 +3,14 @@
 LitServe has no queue limit and cannot withdraw a queued request. `QueueBound` counts the edit
 requests this process holds (from the first byte of the body to the answer) and answers 429
 `queue_full` beyond `max_queue`, before an upload is buffered; it tags each request with an id
-(see `patches.tag_request`) and marks it in a `CancelRegistry` when its client disconnects, so
-that workers skip it when its turn comes, or stop it after the current denoising step.
+and the base URL of its result URLs (see `patches.tag_request`), and marks the id in a
+`CancelRegistry` when the client disconnects, so that workers skip the request when its turn
+comes, or stop it after the current denoising step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -42,10 +44,13 @@ class CancelRegistry:
 class QueueBound:
     """ASGI middleware for the edits route: at most `max_queue` requests held, each one tagged."""
 
-    def __init__(self, app: ASGIApp, *, max_queue: int, cancellations: CancelRegistry) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_queue: int, cancellations: CancelRegistry, base_url: Callable[[Scope], str]
+    ) -> None:
         self.app = app
         self.max_queue = max_queue
         self.cancellations = cancellations
+        self.base_url = base_url
         self.pending = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,7 +65,8 @@ class QueueBound:
         # Single-threaded event loop: the check above and this increment cannot interleave.
         self.pending += 1
         try:
-            async with tag_request(scope, receive, send, self.cancellations.cancel) as (request_id, tagged):
+            tags = tag_request(scope, receive, send, self.base_url(scope), self.cancellations.cancel)
+            async with tags as (request_id, tagged):
                 try:
                     await self.app(*tagged)
                 finally:

@@ -23,7 +23,13 @@ from clarity.api import wire
 from clarity.api.config import ServerConfig
 from clarity.api.errors import APIError
 from clarity.api.handler import EditHandler
-from clarity.api.http import GuardMiddleware, add_public_routes, document_edits_form, install_error_handlers
+from clarity.api.http import (
+    ForwardedHeaders,
+    GuardMiddleware,
+    add_public_routes,
+    document_edits_form,
+    install_error_handlers,
+)
 from clarity.api.results import LocalResultStore
 from clarity.models.catalogue import Catalogue
 from clarity.serving.litserve import patches
@@ -67,7 +73,9 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
 
     app = server.app
     # Each added middleware wraps the app so far: the guard ends up outermost, then the queue bound.
-    app.add_middleware(QueueBound, max_queue=config.max_queue, cancellations=cancellations)
+    forwarded = ForwardedHeaders(config.forwarded_allow_ips)
+    app.add_middleware(QueueBound, max_queue=config.max_queue, cancellations=cancellations,
+                       base_url=forwarded.base_url)
     app.add_middleware(
         GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
         upload_timeout=config.upload_timeout, ready=lambda: patches.any_worker_ready(server),
@@ -99,5 +107,7 @@ def serve(config: ServerConfig) -> int:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    server.run(host=config.host, port=config.port, generate_client_file=False)
+    # Forwarded headers are read by the API core, from the proxies config.forwarded_allow_ips names;
+    # uvicorn's own reading (which trusts 127.0.0.1 by default) would rewrite the scheme under it.
+    server.run(host=config.host, port=config.port, generate_client_file=False, proxy_headers=False)
     return 0
