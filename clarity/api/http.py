@@ -12,12 +12,14 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -75,9 +77,18 @@ def json_error(error: APIError) -> Response:
     return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
 
-def is_multipart(content_type: str) -> bool:
-    kind, _, parameters = content_type.partition(";")
-    return kind.strip() == "multipart/form-data" and "boundary=" in parameters
+#: RFC 2046's boundary: 1-70 of these characters, not ending in a space.
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+
+
+def multipart_boundary(content_type: bytes) -> bytes | None:
+    """The boundary of a `multipart/form-data` Content-Type, or None if it is another type, or has
+    no boundary, or an invalid one (python-multipart parses the header, quotes included)."""
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind.lower() != b"multipart/form-data" or not boundary or not _BOUNDARY.fullmatch(boundary):
+        return None
+    return boundary
 
 
 class GuardMiddleware:
@@ -107,7 +118,8 @@ class GuardMiddleware:
         if refusal is not None:
             await json_error(refusal)(scope, receive, send)
             return
-        await self.app(scope, self._limited(receive), send)
+        boundary = multipart_boundary(dict(scope["headers"]).get(b"content-type", b""))
+        await self.app(scope, self._limited(receive, boundary), send)
 
     def _refusal(self, scope: Scope) -> APIError | None:
         """The answer to send at once, from the path and headers alone; None to go on."""
@@ -124,21 +136,23 @@ class GuardMiddleware:
             return None
         if not self.ready():
             return APIError(503, "The model is still loading; retry shortly.")
-        if not is_multipart(headers.get("content-type", b"").decode("latin-1").lower()):
+        if multipart_boundary(headers.get("content-type", b"")) is None:
             # A JSON body cannot carry the image file, and neither can a urlencoded form.
-            message = "Send the request as multipart/form-data (with a boundary) and the image as a file,"
+            message = "Send the request body as multipart/form-data with a valid boundary, and the image as a file,"
             return APIError(400, message + " as the OpenAI SDKs do.", code="invalid_content_type")
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, boundary: bytes | None) -> Receive:
         """`receive` bounded in bytes (chunked uploads carry no Content-Length) and in time (a
-        trickling upload would hold its place for as long as its client likes)."""
+        trickling upload would hold its place for as long as its client likes); a multipart body
+        must end with its closing boundary (the form parser would drop a cut-off last part)."""
         received = 0
         body_done = False
+        tail = b""
         deadline = asyncio.get_running_loop().time() + self.upload_timeout
 
         async def limited_receive() -> Message:
-            nonlocal received, body_done
+            nonlocal received, body_done, tail
             if body_done:
                 return await receive()
             remaining = deadline - asyncio.get_running_loop().time()
@@ -148,10 +162,16 @@ class GuardMiddleware:
                 message = f"The request body did not arrive within {self.upload_timeout:g} s."
                 raise HTTPException(408, detail=error_body(408, message, code="upload_timeout")) from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
-            received += len(message.get("body", b""))
+            chunk = message.get("body", b"")
+            received += len(chunk)
             if received > self.max_body_bytes:
                 # FastAPI's subclass: endpoints that re-raise HTTP errors do so with this one, as it is.
                 raise HTTPException(413, detail=self._too_large().body)
+            if boundary is not None:
+                tail = (tail + chunk)[-(len(boundary) + 8):]
+                if body_done and not tail.rstrip(b"\r\n\t ").endswith(b"--" + boundary + b"--"):
+                    message = "The multipart body ends without its closing boundary (a cut-off upload?); send it whole."
+                    raise HTTPException(400, detail=error_body(400, message, code="invalid_body"))
             return message
 
         return limited_receive
