@@ -554,6 +554,27 @@ def test_a_client_that_hangs_up_stops_its_running_upscale(served):
         time.sleep(0.2)
 
 
+def test_stalled_uploads_do_not_hold_queue_slots(served):
+    import socket
+
+    # More stalled uploads than the queue has slots (16): headers and a few bytes, then nothing.
+    stalled = []
+    for _ in range(20):
+        connection = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        connection.sendall(
+            b"POST /v1/images/edits HTTP/1.1\r\nHost: 127.0.0.1\r\n" + f"Authorization: Bearer {KEY}\r\n".encode()
+            + b"Content-Type: multipart/form-data; boundary=abc\r\nContent-Length: 100000\r\n\r\n--abc\r\n"
+        )
+        stalled.append(connection)
+    try:
+        time.sleep(0.3)
+        response = post_edit(served.http, png(16, 16), response_format="b64_json")
+        assert response.status_code == 200, response.text  # was a 429 queue_full
+    finally:
+        for connection in stalled:
+            connection.close()
+
+
 def test_a_trickling_upload_gets_a_408_and_frees_its_slot(served):
     body = b"x" * 1000
     head = (f"POST /v1/images/edits HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"

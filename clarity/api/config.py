@@ -86,8 +86,12 @@ class ServerConfig:
         "Largest input accepted, in megapixels, checked from the file's header before decoding.", min=0,
     )
     max_queue: int = option(
-        16, "Edit requests held at once (queued or running) per HTTP process before answering 429 queue_full.",
-        min=1,
+        16, "Edit requests held at once (queued or running, counted once their bodies have arrived) per HTTP"
+        " process before answering 429 queue_full.", min=1,
+    )
+    max_uploads: int = option(
+        64, "Request bodies received at once per HTTP process before answering 429 too_many_uploads; each may"
+        " take up to --upload-timeout.", min=1,
     )
     upload_timeout: float = option(
         120.0, "Seconds a client may take to send its request body before a 408 upload_timeout (50 MB at the"

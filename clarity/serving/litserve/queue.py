@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clarity.api import wire
 from clarity.api.errors import APIError
@@ -42,30 +43,50 @@ class CancelRegistry:
 
 
 class QueueBound:
-    """ASGI middleware for the edits route: at most `max_queue` requests held, each one tagged."""
+    """ASGI middleware for the edits route: each request tagged, at most `max_uploads` bodies read at
+    once, and at most `max_queue` requests held (queued or running) once their bodies have arrived.
+
+    A request takes a queue slot only when its whole body is in: clients that send headers and a
+    few bytes, then stall, hold upload places (each for at most the upload timeout), never the
+    queue. Both limits are answered 429 with Retry-After, which the SDKs follow.
+    """
 
     def __init__(
-        self, app: ASGIApp, *, max_queue: int, cancellations: CancelRegistry, base_url: Callable[[Scope], str]
+        self, app: ASGIApp, *, max_queue: int, max_uploads: int, cancellations: CancelRegistry,
+        base_url: Callable[[Scope], str],
     ) -> None:
         self.app = app
         self.max_queue = max_queue
+        self.max_uploads = max_uploads
         self.cancellations = cancellations
         self.base_url = base_url
         self.pending = 0
+        self.uploading = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != wire.EDITS_PATH:
             await self.app(scope, receive, send)
             return
-        if self.pending >= self.max_queue:
-            message = f"The server is busy: {self.pending} requests are already queued or running; retry later."
-            refusal = APIError(429, message, code="queue_full", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
-            await json_error(refusal)(scope, receive, send)
+        if self.uploading >= self.max_uploads:
+            message = f"The server is busy receiving {self.uploading} other uploads; retry later."
+            await json_error(_busy(message, "too_many_uploads"))(scope, receive, send)
             return
-        # Single-threaded event loop: the check above and this increment cannot interleave.
-        self.pending += 1
+        # Single-threaded event loop: a check and the increment after it cannot interleave.
+        self.uploading += 1
+        state = {"uploading": True, "queued": False}
+
+        async def counted_receive() -> Message:
+            message = await receive()
+            if state["uploading"] and (message["type"] != "http.request" or not message.get("more_body", False)):
+                state["uploading"] = False
+                self.uploading -= 1
+                if message["type"] == "http.request":
+                    self._take_slot()
+                    state["queued"] = True
+            return message
+
         try:
-            tags = tag_request(scope, receive, send, self.base_url(scope), self.cancellations.cancel)
+            tags = tag_request(scope, counted_receive, send, self.base_url(scope), self.cancellations.cancel)
             async with tags as (request_id, tagged):
                 try:
                     await self.app(*tagged)
@@ -73,4 +94,20 @@ class QueueBound:
                     # By now the worker has answered (or given up on) the request.
                     self.cancellations.forget(request_id)
         finally:
-            self.pending -= 1
+            if state["uploading"]:
+                self.uploading -= 1
+            if state["queued"]:
+                self.pending -= 1
+
+    def _take_slot(self) -> None:
+        """Count a request whose body has arrived, or refuse it (raised into the form parser, which
+        hands FastAPI's HTTPException on as it is) when the queue is full."""
+        if self.pending >= self.max_queue:
+            message = f"The server is busy: {self.pending} requests are already queued or running; retry later."
+            error = _busy(message, "queue_full")
+            raise HTTPException(error.status, detail=error.body, headers=error.headers)
+        self.pending += 1
+
+
+def _busy(message: str, code: str) -> APIError:
+    return APIError(429, message, code=code, headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})

@@ -74,8 +74,8 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     app = server.app
     # Each added middleware wraps the app so far: the guard ends up outermost, then the queue bound.
     forwarded = ForwardedHeaders(config.forwarded_allow_ips)
-    app.add_middleware(QueueBound, max_queue=config.max_queue, cancellations=cancellations,
-                       base_url=forwarded.base_url)
+    app.add_middleware(QueueBound, max_queue=config.max_queue, max_uploads=config.max_uploads,
+                       cancellations=cancellations, base_url=forwarded.base_url)
     app.add_middleware(
         GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
         upload_timeout=config.upload_timeout, ready=lambda: patches.any_worker_ready(server),
