@@ -399,6 +399,59 @@ def test_file_store_expires_results_and_ignores_foreign_names(tmp_path_factory):
     assert (folder / "notes.txt").exists()
 
 
+def test_the_store_keeps_to_its_quota_expired_results_first(tmp_path_factory):
+    from clarity.api.results import StorageFull
+
+    folder = tmp_path_factory.mktemp("quota")
+    store = LocalResultStore(folder, ttl_seconds=60, max_bytes=3000)
+    first = store.save(bytes(2000), "png")
+    with pytest.raises(StorageFull, match="full"):
+        store.save(bytes(2000), "png")
+    old = time.time() - 120
+    os.utime(folder / first, (old, old))  # expired: deleted to make room
+    assert store.find(store.save(bytes(2000), "png")) is not None
+    assert not (folder / first).exists()
+
+
+def test_the_files_route_serves_regular_files_only(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("links")
+    secret = tmp_path_factory.mktemp("elsewhere") / "secret.txt"
+    secret.write_text("not a result")
+    name = "A" * 43 + ".png"  # a valid token name
+    (folder / name).symlink_to(secret)
+    (folder / ("B" * 43 + ".png")).mkdir()
+    store = LocalResultStore(folder, ttl_seconds=60)
+    assert store.find(name) is None and store.find("B" * 43 + ".png") is None
+
+
+def test_url_results_have_a_disk_quota_and_expire_on_a_timer(tiny_weights, tmp_path_factory, monkeypatch):
+    from clarity.serving.litserve import server
+
+    monkeypatch.setattr(server, "PURGE_INTERVAL", 0.2)
+    outputs = tmp_path_factory.mktemp("timer")
+    with running_server(tiny_weights, outputs, result_ttl_seconds=1) as http:
+        client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
+        edit(client)
+        assert len(list(outputs.glob("*.png"))) == 1
+        time.sleep(2.5)  # no other request: the timer deletes it
+        assert list(outputs.glob("*.png")) == []
+    full = tmp_path_factory.mktemp("full")
+    (full / ("A" * 43 + ".png")).write_bytes(bytes(1_500_000))  # earlier results, not yet expired
+    with running_server(tiny_weights, full, max_result_mb=1) as http:
+        client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            edit(client)  # refused before any work
+        assert caught.value.status_code == 503 and caught.value.code == "storage_full"
+        assert "retry-after" in caught.value.response.headers
+        assert edit(client, response_format="b64_json").data[0].b64_json  # inline results need no storage
+    with running_server(tiny_weights, tmp_path_factory.mktemp("tiny-quota"), max_result_mb=0.001) as http:
+        client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            edit(client)  # the result itself is over the quota: found out after the work, not retried
+        assert caught.value.status_code == 507 and caught.value.code == "storage_full"
+        assert caught.value.response.headers["x-should-retry"] == "false"
+
+
 def test_serve_exits_at_once_without_weights(tmp_path_factory, capsys):
     from clarity.cli import main
 

@@ -77,6 +77,10 @@ class ServerConfig:
         metavar="IP,IP", parse=comma_list,
     )
     result_ttl_seconds: float = option(3600.0, "Seconds a url-mode result stays downloadable.", min=0)
+    max_result_mb: float = option(
+        2000.0, "Disk space url-mode results may take, in MB; when full, url-mode requests get 503 storage_full"
+        " until older results expire.", min=0,
+    )
     max_payload_mb: float = option(50.0, "Largest request body accepted, in MB.", min=0)
     max_output_mp: float | None = option(
         None, f"Largest output accepted, in megapixels (default: {DEFAULT_MAX_OUTPUT_PIXELS / 1e6:.1f}).", min=0
@@ -131,6 +135,10 @@ class ServerConfig:
     def base_url(self) -> str:
         """Where result URLs point when no request says better: `public_url`, else this machine on localhost."""
         return (self.public_url or f"http://localhost:{self.port}").rstrip("/")
+
+    @property
+    def max_result_bytes(self) -> int:
+        return int(self.max_result_mb * 1_000_000)
 
     @property
     def max_payload_bytes(self) -> int:

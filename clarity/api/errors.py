@@ -25,6 +25,7 @@ ERROR_TYPES: dict[int, str] = {
     500: "server_error",
     503: "server_error",
     504: "server_error",
+    507: "server_error",
 }
 #: Seconds a client is told to wait before retrying what may succeed later (503, 504 in the queue).
 RETRY_AFTER_SECONDS = 5

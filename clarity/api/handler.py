@@ -24,7 +24,7 @@ from clarity.api import wire
 from clarity.api.config import ServerConfig
 from clarity.api.errors import CLIENT_GONE_STATUS, ENGINE_FAILURE, APIError, api_error
 from clarity.api.logs import RequestLog
-from clarity.api.results import ResultStore, result_url
+from clarity.api.results import ResultStore, StorageFull, result_url
 from clarity.errors import ClarityError
 from clarity.imageio import encode_image
 
@@ -89,6 +89,11 @@ class EditHandler:
             edit = wire.parse_edit_form(items, self.catalogue.models, max_input_pixels=self.config.max_input_pixels)
         except ClarityError as error:
             raise api_error(error) from None
+        if edit.response_format == "url":
+            try:
+                self.results.check_room()  # before minutes of work whose result could not be kept
+            except StorageFull as full:
+                raise APIError(503, str(full), code="storage_full") from None
         return dataclasses.replace(edit, request_id=request_id, base_url=base_url)
 
     def run(self, request: wire.EditRequest, cancelled: Callable[[], bool] = _never) -> UpscaleResult:
@@ -140,7 +145,11 @@ class EditHandler:
             if request.response_format == "b64_json":
                 item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
             else:
-                name = self.results.save(encoded, request.output_format)
+                try:
+                    name = self.results.save(encoded, request.output_format)
+                except StorageFull as full:  # filled up while this request ran: retrying would redo it all
+                    logger.warning("request %s: its result could not be stored: %s", request.request_id, full)
+                    raise APIError(507, str(full), code="storage_full") from None
                 item = {"url": result_url(self._base_url(request), name)}
             # `seed` is Clarity's addition: what to send to reproduce this variant alone.
             data.append({**item, "revised_prompt": request.params.prompt, "seed": seed})

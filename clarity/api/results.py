@@ -12,9 +12,11 @@ file's modification time is its age.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,8 @@ from clarity.imageio import OUTPUT_FORMATS
 
 #: How long a result stays downloadable, like OpenAI's one-hour image URLs.
 DEFAULT_TTL_SECONDS = 3600
+#: Disk space results may take (2 GB).
+DEFAULT_MAX_BYTES = 2_000_000_000
 #: URL path prefix the files are served under.
 FILES_ROUTE = "/v1/files"
 
@@ -32,14 +36,25 @@ FILES_ROUTE = "/v1/files"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{43}\.(" + "|".join(OUTPUT_FORMATS) + r")$")
 
 
+class StorageFull(Exception):
+    """The store has no room for a result until older ones expire; the message says how full it is."""
+
+
 class ResultStore(Protocol):
-    """Keeps encoded results for url mode until they expire."""
+    """Keeps encoded results for url mode until they expire, within a size quota."""
 
     def save(self, data: bytes, extension: str) -> str:
-        """Store `data` (an image in the output format `extension`); return its unguessable name."""
+        """Store `data` (an image in the output format `extension`); return its unguessable name.
+        Raises `StorageFull` when it does not fit."""
 
     def find(self, name: str) -> Path | None:
         """The stored result called `name`, or None if it does not exist or has expired."""
+
+    def check_room(self) -> None:
+        """Raise `StorageFull` if the store is full now (checked before work that will save)."""
+
+    def purge_expired(self) -> int:
+        """Delete expired results; return how many (run on a timer, and before a save)."""
 
 
 def result_url(base_url: str, name: str) -> str:
@@ -53,11 +68,18 @@ def media_type(name: str) -> str:
 
 
 class LocalResultStore:
-    """Write results atomically under unguessable names in a folder; find them again until they expire."""
+    """Write results atomically under unguessable names in a folder; find them again until they expire.
 
-    def __init__(self, folder: str | Path, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+    At most `max_bytes` of results are kept: expired ones are deleted first, and beyond that a
+    save raises `StorageFull` (the folder is never filled by a burst of url-mode requests).
+    """
+
+    def __init__(
+        self, folder: str | Path, ttl_seconds: float = DEFAULT_TTL_SECONDS, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
         self.folder = Path(folder)
         self.ttl_seconds = ttl_seconds
+        self.max_bytes = max_bytes
 
     def save(self, data: bytes, extension: str) -> str:
         """Store `data` and return its file name (the token plus `.extension`)."""
@@ -65,6 +87,7 @@ class LocalResultStore:
             raise ValueError(f"unsupported extension {extension!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.purge_expired()
+        self._check_room(len(data))
         name = f"{secrets.token_urlsafe(32)}.{extension}"
         # Written to a temporary name in the same folder and renamed, so a reader never sees
         # half a file.
@@ -78,16 +101,41 @@ class LocalResultStore:
             raise
         return name
 
+    def check_room(self) -> None:
+        self.purge_expired()
+        self._check_room(0)
+
+    def _check_room(self, size: int) -> None:
+        """`StorageFull` unless `size` more bytes fit; with 0, unless the store is below its quota."""
+        used = self.used_bytes()
+        if used + size > self.max_bytes or used >= self.max_bytes:
+            raise StorageFull(
+                f"The server's storage for url-mode results is full ({used / 1e6:.0f} of {self.max_bytes / 1e6:.0f}"
+                f" MB) until older results expire (after {self.ttl_seconds:g} s); retry later, or ask for"
+                " response_format=b64_json."
+            )
+
+    def used_bytes(self) -> int:
+        """Bytes taken by stored results and writes in progress."""
+        total = 0
+        for path in self._own_files():
+            with contextlib.suppress(FileNotFoundError):  # removed by another process meanwhile
+                total += path.stat().st_size
+        return total
+
     def find(self, name: str) -> Path | None:
-        """The path of a stored, unexpired file, or None (also for names that are not tokens)."""
+        """The path of a stored, unexpired result, or None: also for names that are not tokens, and
+        for anything but a regular file (a link placed in the folder is never followed)."""
         if not _NAME.match(name):
             return None
         path = self.folder / name
         try:
-            age = time.time() - path.stat().st_mtime
+            status = path.lstat()
         except FileNotFoundError:
             return None
-        if age > self.ttl_seconds:
+        if not stat.S_ISREG(status.st_mode):
+            return None
+        if time.time() - status.st_mtime > self.ttl_seconds:
             path.unlink(missing_ok=True)
             return None
         return path
@@ -99,13 +147,16 @@ class LocalResultStore:
         """
         removed = 0
         cutoff = time.time() - self.ttl_seconds
-        for path in self.folder.glob("*"):
-            if not (_NAME.match(path.name) or path.name.startswith(".partial-")):
-                continue
+        for path in self._own_files():
             try:
-                if path.stat().st_mtime < cutoff:
+                if path.lstat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
                     removed += 1
             except FileNotFoundError:
                 continue  # another worker removed it first
         return removed
+
+    def _own_files(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return [path for path in self.folder.iterdir() if _NAME.match(path.name) or path.name.startswith(".partial-")]

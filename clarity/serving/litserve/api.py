@@ -65,4 +65,7 @@ class EditsLitAPI(ls.LitAPI):
             raise http_error(error) from None
 
     def encode_response(self, output: tuple[wire.EditRequest, Any]) -> dict[str, Any]:
-        return self.handler.respond(*output)
+        try:
+            return self.handler.respond(*output)
+        except APIError as error:
+            raise http_error(error) from None

@@ -12,6 +12,7 @@ at once; and on SIGTERM a drain of accepted work before exiting.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -39,6 +40,8 @@ from clarity.serving.litserve.watchdog import RequestWatchdog
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between two purges of expired url-mode results.
+PURGE_INTERVAL = 60
 #: LitServe's own queue deadline raises a bare 504; this is what the client reads instead.
 QUEUE_TIMEOUT = APIError(504, "The request waited too long for a free worker; retry later.", code="queue_timeout")
 
@@ -50,7 +53,7 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     """
     catalogue = Catalogue.discover(config.weights, models=config.models, default_model=config.default_model)
     output_dir = config.output_dir or Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
-    results = LocalResultStore(output_dir, config.result_ttl_seconds)
+    results = LocalResultStore(output_dir, config.result_ttl_seconds, config.max_result_bytes)
     cancellations = CancelRegistry(tempfile.mkdtemp(prefix="clarity-cancelled-"))
     server = patches.SupervisedLitServer(
         EditsLitAPI(EditHandler(config, catalogue, results), cancellations),
@@ -70,6 +73,7 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
         buffer, config.queue_timeout, lambda worker_id: patches.worker_is_ready(server, endpoint, worker_id)
     )
     patches.run_beside_litserve(server, watchdog.run, name="clarity-request-watchdog")
+    patches.run_beside_litserve(server, lambda: purge_on_a_timer(results), name="clarity-result-expiry")
 
     app = server.app
     # Each added middleware wraps the app so far: the guard ends up outermost, then the queue bound.
@@ -84,6 +88,16 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     add_public_routes(app, list(catalogue.models), results)
     document_edits_form(app)
     return server
+
+
+async def purge_on_a_timer(results: LocalResultStore) -> None:
+    """Delete expired results every `PURGE_INTERVAL` seconds, not only when a new one is saved."""
+    while True:
+        await asyncio.sleep(PURGE_INTERVAL)
+        try:
+            results.purge_expired()
+        except OSError:  # the folder went away, or a file vanished meanwhile: the next round tries again
+            logger.debug("purging expired results failed", exc_info=True)
 
 
 def serve(config: ServerConfig) -> int:
