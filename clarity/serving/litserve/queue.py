@@ -4,11 +4,14 @@ LitServe has no queue limit and cannot withdraw a queued request. `QueueBound` c
 requests this process holds (from the first byte of the body to the answer) and answers 429
 `queue_full` beyond `max_queue`, before an upload is buffered; it tags each request with an id
 (see `patches.tag_request`) and marks it in a `CancelRegistry` when its client disconnects, so
-that workers skip it when its turn comes, or stop it after the current denoising step.
+that workers skip it when its turn comes, or stop it after the current denoising step. The
+count is an `EditsInFlight`, which a shutdown also reads (drain.py): it waits for it to fall to 0.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -39,26 +42,38 @@ class CancelRegistry:
         (self.folder / request_id).unlink(missing_ok=True)
 
 
-class QueueBound:
-    """ASGI middleware for the edits route: at most `max_queue` requests held, each one tagged."""
+class EditsInFlight:
+    """The edit requests one HTTP process holds (from the first byte of the body to the end of the
+    answer), and when the last of them was answered (`time.monotonic()`)."""
 
-    def __init__(self, app: ASGIApp, *, max_queue: int, cancellations: CancelRegistry) -> None:
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_answered = -math.inf
+
+
+class QueueBound:
+    """ASGI middleware for the edits route: at most `max_queue` requests held (counted in `in_flight`),
+    each one tagged."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_queue: int, cancellations: CancelRegistry, in_flight: EditsInFlight
+    ) -> None:
         self.app = app
         self.max_queue = max_queue
         self.cancellations = cancellations
-        self.pending = 0
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != wire.EDITS_PATH:
             await self.app(scope, receive, send)
             return
-        if self.pending >= self.max_queue:
-            message = f"The server is busy: {self.pending} requests are already queued or running; retry later."
+        if self.in_flight.count >= self.max_queue:
+            message = f"The server is busy: {self.in_flight.count} requests are already queued or running; retry later."
             refusal = APIError(429, message, code="queue_full", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
             await json_error(refusal)(scope, receive, send)
             return
         # Single-threaded event loop: the check above and this increment cannot interleave.
-        self.pending += 1
+        self.in_flight.count += 1
         try:
             async with tag_request(scope, receive, send, self.cancellations.cancel) as (request_id, tagged):
                 try:
@@ -67,4 +82,5 @@ class QueueBound:
                     # By now the worker has answered (or given up on) the request.
                     self.cancellations.forget(request_id)
         finally:
-            self.pending -= 1
+            self.in_flight.count -= 1
+            self.in_flight.last_answered = time.monotonic()

@@ -28,7 +28,7 @@ from clarity.api.results import LocalResultStore
 from clarity.models.catalogue import Catalogue
 from clarity.serving.litserve import patches
 from clarity.serving.litserve.api import EditsLitAPI
-from clarity.serving.litserve.queue import CancelRegistry, QueueBound
+from clarity.serving.litserve.queue import CancelRegistry, EditsInFlight, QueueBound
 from clarity.serving.litserve.watchdog import RequestWatchdog
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
 
     app = server.app
     # Each added middleware wraps the app so far: the guard ends up outermost, then the queue bound.
-    app.add_middleware(QueueBound, max_queue=config.max_queue, cancellations=cancellations)
+    app.add_middleware(QueueBound, max_queue=config.max_queue, cancellations=cancellations, in_flight=EditsInFlight())
     app.add_middleware(
         GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
         upload_timeout=config.upload_timeout, ready=lambda: patches.any_worker_ready(server),
