@@ -105,7 +105,8 @@ class ServerConfig:
         600.0, "Seconds a request may wait for a free worker before a 504 queue_timeout.", min=0
     )
     shutdown_timeout: float = option(
-        30.0, "On SIGTERM, seconds accepted requests get to finish before the workers stop.", min=0
+        30.0, "On SIGINT or SIGTERM, seconds accepted requests get to finish; any still unfinished are then"
+        " answered 503 shutting_down.", min=0
     )
     max_compute_seconds: float | None = option(
         None, "Stop an upscale that has run this long and answer 504 compute_timeout (default: no limit).", min=0

@@ -71,6 +71,12 @@ class APIError(Exception):
         self.headers = {**retry_headers(status, code), **(headers or {})}
 
 
+def shutting_down(message: str) -> APIError:
+    """A 503 `shutting_down`: the server is stopping. Its `Retry-After` sends the SDKs back shortly,
+    by when another instance (or this one, restarted) can answer."""
+    return APIError(503, message, code="shutting_down")
+
+
 def invalid(param: str, message: str, code: str | None = None) -> APIError:
     """A 400 naming the offending field."""
     return APIError(400, message, param=param, code=code)

@@ -24,13 +24,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clarity.api import wire
-from clarity.api.errors import APIError, error_body, model_not_found, retry_headers
+from clarity.api.errors import APIError, error_body, model_not_found, retry_headers, shutting_down
 from clarity.api.results import FILES_ROUTE, ResultStore, media_type
 
 logger = logging.getLogger(__name__)
 
+#: The route load balancers probe: 200 while the server takes edits.
+HEALTH_PATH = "/health"
 #: Routes anyone may call: load balancers probe /health without credentials.
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({HEALTH_PATH})
+#: What a new edit (and /health) hears while the server stops.
+NO_NEW_WORK = "The server is shutting down and takes no new requests; retry shortly."
 
 
 class ForwardedHeaders:
@@ -98,17 +102,21 @@ class GuardMiddleware:
     upload is refused as it arrives, not after it has been buffered. The key is checked on
     every route but `OPEN_PATHS` and the result files (whose unguessable names are the
     credential). `ready()` says whether a worker can take edits yet (else 503 with Retry-After).
+    `stopping()` says whether the server is shutting down: then new edits and `/health` get a
+    503 `shutting_down` (so load balancers move on), while result files and the other routes
+    are still served to the clients that were given them.
     """
 
     def __init__(
         self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, upload_timeout: float,
-        ready: Callable[[], bool],
+        ready: Callable[[], bool], stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.upload_timeout = upload_timeout
         self.ready = ready
+        self.stopping = stopping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,6 +140,8 @@ class GuardMiddleware:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return self._too_large()
+        if path in (wire.EDITS_PATH, HEALTH_PATH) and self.stopping():
+            return shutting_down(NO_NEW_WORK)
         if path != wire.EDITS_PATH:
             return None
         if not self.ready():

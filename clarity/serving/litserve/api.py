@@ -20,6 +20,7 @@ from clarity.api.handler import EditHandler, client_gone
 from clarity.api.logs import configure_logging
 from clarity.serving.litserve.patches import split_tags
 from clarity.serving.litserve.queue import CancelRegistry
+from clarity.serving.litserve.signals import settle_worker_signals
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,17 @@ class EditsLitAPI(ls.LitAPI):
     process, read here). Everything passed in must pickle: workers are spawned processes.
     """
 
+    #: Whether workers ignore SIGINT and SIGTERM: set by `SupervisedLitServer.run`, whose main
+    #: process decides when they stop (signals.py), before they are spawned.
+    ignore_stop_signals = False
+
     def __init__(self, handler: EditHandler, cancellations: CancelRegistry) -> None:
         super().__init__(api_path=wire.EDITS_PATH)
         self.handler = handler
         self.cancellations = cancellations
 
     def setup(self, device: str) -> None:
+        settle_worker_signals(ignore=self.ignore_stop_signals)  # first: they are blocked until then
         configure_logging(self.handler.config.log_level)  # a spawned worker starts with Python's defaults
         self.handler.load(device)
 

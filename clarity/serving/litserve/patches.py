@@ -2,9 +2,10 @@
 
 LitServe serves the edits endpoint well, but a shared production server needs four things it
 does not offer: a request's queue age and worker, to answer requests that will never be
-answered; a shutdown that stops listening at once and revives no worker; a way to tell a
-worker which HTTP request a form came from; and the workers' readiness, to answer 503 while
-they load. Each touch below says why, and names the test that fails if an upgrade breaks it.
+answered; a shutdown that answers the accepted requests however the stop signal arrives, and
+revives no worker; a way to tell a worker which HTTP request a form came from; and the
+workers' readiness, to answer 503 while they load. Each touch below says why, and names the
+test that fails if an upgrade breaks it.
 Pinned `litserve>=0.2.19,<0.3` in pyproject.toml; check every touch before moving the pin.
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,11 +27,17 @@ from python_multipart.multipart import parse_options_header
 from starlette.types import Message, Receive, Scope, Send
 
 from clarity.api.errors import APIError
+from clarity.serving.litserve.signals import install_main_handlers, stop_signals_blocked
 
-#: Seconds between LitServe's checks for dead inference workers (its default is 2).
+logger = logging.getLogger(__name__)
+
+#: Seconds between two checks for dead inference workers.
 WORKER_MONITOR_INTERVAL = 0.5
-#: Seconds after a shutdown starts before the listening socket is shut down.
-STOP_LISTENING_DELAY = 0.5
+#: Seconds uvicorn gives the connections still open after an HTTP process's drain (a download).
+CLOSE_CONNECTIONS_SECONDS = 5.0
+#: Seconds an HTTP process gets beyond the shutdown timeout to send its last answers and close
+#: its connections, before it is killed.
+HTTP_EXIT_SECONDS = CLOSE_CONNECTIONS_SECONDS + 5.0
 
 
 # --- the response buffer: queue ages, workers, answers ------------------------------------------
@@ -123,57 +130,109 @@ def run_beside_litserve(server: ls.LitServer, task: Callable[[], Any], name: str
 
 
 class SupervisedLitServer(ls.LitServer):
-    """`LitServer` that checks for dead workers often, stops listening at once on shutdown, and
-    stops restarting workers then.
+    """`LitServer` that stops as signals.py and drain.py describe, and restarts dead workers.
 
-    On shutdown LitServe first lets the HTTP processes drain (uvicorn finishes accepted requests
-    for up to `uvicorn_graceful_timeout` seconds, while the workers keep serving), then
-    terminates the workers. Two things go wrong on the way, fixed here by overriding private
-    methods (guarded by test_robustness.py::test_sigterm_drains_the_running_request_then_exits):
+    LitServe stops on KeyboardInterrupt only, in the main process, and then signals the HTTP
+    processes and the workers at once: whenever the signal also reaches the other processes
+    (Ctrl-C, systemd), the requests in flight are lost, and its monitor revives the workers it
+    sees stopped. Here the main process alone acts on SIGINT and SIGTERM, and stops the others
+    in order: the HTTP processes drain and exit, then the workers are killed (they ignore
+    SIGTERM, and no request needs them any more), then LitServe's own steps close the rest.
 
-    - The listening socket is opened in this process and inherited by every process forked
-      from it (the HTTP processes and LitServe's manager). Uvicorn closes only its copy, so the
-      kernel would go on accepting connections that nobody answers. The socket itself is shut
-      down instead (`_start_server` is where LitServe hands it over), which refuses new
-      connections in all processes at once.
-    - With `restart_workers=True` the monitor thread, which is not told about a shutdown caused
-      by a signal, would revive the workers it sees terminated (`launch_single_inference_worker`).
+    Guarded, unless a method says otherwise, by every test of tests/test_shutdown.py.
     """
-
-    _stopping = False
-    _listening: list[socket.socket] = []
 
     def __init__(self, *args: Any, shutdown_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Attributes LitServe reads but takes no argument for (its defaults: 2 s and 30 s).
-        self.monitor_internal = WORKER_MONITOR_INTERVAL
-        self.uvicorn_graceful_timeout = shutdown_timeout
+        self.shutdown_timeout = shutdown_timeout
+        # Read by LitServe for uvicorn's own graceful shutdown, which comes after the drain and
+        # only closes the connections still open (its default: 30 s).
+        self.uvicorn_graceful_timeout = CLOSE_CONNECTIONS_SECONDS
+        self._stopping = threading.Event()
+        self._serving = False
+        self._monitor: threading.Thread | None = None
 
-    def _start_server(self, port: Any, num_uvicorn_servers: int, log_level: str, sockets: list[socket.socket],
-                      *args: Any, **kwargs: Any) -> Any:
-        self._listening = list(sockets or [])
-        return super()._start_server(port, num_uvicorn_servers, log_level, sockets, *args, **kwargs)
+    def run(self, *args: Any, **kwargs: Any) -> None:
+        """LitServe's `run`, with SIGINT and SIGTERM handled by this process alone (signals.py)."""
+        # Read by the workers' setup (`lit_api` is the LitAPI LitServe was given). Only here:
+        # LitServe's test harness, which does not call run(), stops its workers with SIGTERM.
+        self.lit_api.ignore_stop_signals = True
+        install_main_handlers(self.begin_stop, self.shutdown_timeout)
+        super().run(*args, **kwargs)
 
-    def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
-        self._stopping = True
-        # Delayed until uvicorn, signalled just below, has stopped accepting: an accept loop
-        # still watching the socket would fail on every turn once it is shut down.
-        timer = threading.Timer(STOP_LISTENING_DELAY, self._stop_listening)
-        timer.daemon = True
-        timer.start()
-        super()._perform_graceful_shutdown(*args, **kwargs)
+    def begin_stop(self) -> bool:
+        """Have `run` stop, from a signal handler in the main thread; False while still starting."""
+        if not self._serving:
+            return False
+        self._stopping.set()
+        # `run` waits on `_shutdown_event` (a manager event; LitServe's /shutdown route sets it)
+        # and shuts down when it is set: no KeyboardInterrupt, whose traceback and log line
+        # the tests look for. The call must use another thread's connection to the manager, the
+        # main thread's being busy with the wait.
+        threading.Thread(target=self._shutdown_event.set, name="clarity-begin-stop", daemon=True).start()
+        return True
 
-    def _stop_listening(self) -> None:
-        for listening in self._listening:
-            with contextlib.suppress(OSError):  # already closed
-                listening.shutdown(socket.SHUT_RDWR)
-            listening.close()
+    # LitServe spawns workers in these two; with the stop signals blocked meanwhile, a worker
+    # starts with them blocked, and one sent to the group before its setup ignores them does not
+    # kill it. Also guarded by test_robustness.py::test_a_killed_worker_fails_its_request_fast_and_comes_back.
+    def launch_inference_worker(self, lit_api: ls.LitAPI) -> Any:
+        with stop_signals_blocked():
+            return super().launch_inference_worker(lit_api)
 
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
-        if self._stopping:
-            # Hand the monitor back the dead process: it stays dead and nothing new is spawned.
-            return self.inference_workers[worker_id]
-        return super().launch_single_inference_worker(lit_api, worker_id)
+        with stop_signals_blocked():
+            return super().launch_single_inference_worker(lit_api, worker_id)
+
+    def _start_worker_monitoring(self, manager: Any, uvicorn_workers: Any) -> None:
+        # `run` calls this once everything has started, just before it waits for the stop. It
+        # starts this class's monitor instead of LitServe's, which checks every 2 s, goes on
+        # until a manager call tells it to stop, and logs "Worker 0 is dead. Restarting it" for
+        # workers stopped on purpose. Also guarded by
+        # test_robustness.py::test_a_killed_worker_fails_its_request_fast_and_comes_back.
+        self._serving = True
+        self._monitor = threading.Thread(target=self._restart_dead_workers, name="clarity-worker-monitor",
+                                         daemon=True)
+        self._monitor.start()
+
+    def _restart_dead_workers(self) -> None:
+        """Until a stop begins: every `WORKER_MONITOR_INTERVAL` s, start a new inference worker in place
+        of each that died (the watchdog answers the requests it was running)."""
+        while not self._stopping.wait(WORKER_MONITOR_INTERVAL):
+            for worker_id, process in enumerate(self.inference_workers):
+                if process.is_alive() or self._stopping.is_set():
+                    continue
+                logger.warning("inference worker %d (pid %s) died with exit code %s; starting a new one",
+                               worker_id, process.pid, process.exitcode)
+                self.inference_workers[worker_id] = self.launch_single_inference_worker(self.lit_api, worker_id)
+
+    def _perform_graceful_shutdown(self, manager: Any, uvicorn_workers: dict[int, Any],
+                                   shutdown_reason: str = "normal") -> None:
+        # Where `run` shuts down, once its wait ends: the processes are stopped in order here, and
+        # LitServe's own steps are left only the transport and the manager.
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.join()
+        self._drain_http_processes(list(uvicorn_workers.values()))
+        for process in self.inference_workers:
+            process.kill()
+        for process in self.inference_workers:
+            process.join()
+        super()._perform_graceful_shutdown(manager, {}, shutdown_reason)
+
+    def _drain_http_processes(self, processes: list[Any]) -> None:
+        """Ask each HTTP process to drain (SIGTERM; one sent to the whole group has begun it already)
+        and wait for it to exit; kill it if it takes more than its share of time."""
+        deadline = time.monotonic() + self.shutdown_timeout + HTTP_EXIT_SECONDS
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(max(deadline - time.monotonic(), 0.0))
+            if process.is_alive():
+                logger.warning("HTTP process %s did not stop within %g s; killing it", process.pid,
+                               self.shutdown_timeout + HTTP_EXIT_SECONDS)
+                process.kill()
+                process.join()
 
 
 # --- the request's id and address: what a worker must know of the HTTP request a form came from ---

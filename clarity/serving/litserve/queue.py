@@ -1,15 +1,18 @@
 """The edits queue of one HTTP process: bounded, and emptied of requests whose clients left.
 
-LitServe has no queue limit and cannot withdraw a queued request. `QueueBound` counts the edit
-requests this process holds (from the first byte of the body to the answer) and answers 429
-`queue_full` beyond `max_queue`, before an upload is buffered; it tags each request with an id
-and the base URL of its result URLs (see `patches.tag_request`), and marks the id in a
-`CancelRegistry` when the client disconnects, so that workers skip the request when its turn
-comes, or stop it after the current denoising step.
+LitServe has no queue limit and cannot withdraw a queued request. `QueueBound` bounds the bodies
+being received (429 `too_many_uploads` beyond `max_uploads`) and the requests held once their
+bodies have arrived (429 `queue_full` beyond `max_queue`); it tags each request with an id and the
+base URL of its result URLs (see `patches.tag_request`), and marks the id in a `CancelRegistry`
+when the client disconnects, so that workers skip the request when its turn comes, or stop it
+after the current denoising step. The counts are an `EditsInFlight`, which a shutdown also reads
+(drain.py): it waits for them to fall to 0.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +45,21 @@ class CancelRegistry:
         (self.folder / request_id).unlink(missing_ok=True)
 
 
+class EditsInFlight:
+    """The edit requests one HTTP process holds, from the first byte of the body to the end of the
+    answer: `uploading` (body still arriving) and `queued` (queued or running), and when the last of
+    them was answered (`time.monotonic()`)."""
+
+    def __init__(self) -> None:
+        self.uploading = 0
+        self.queued = 0
+        self.last_answered = -math.inf
+
+    @property
+    def count(self) -> int:
+        return self.uploading + self.queued
+
+
 class QueueBound:
     """ASGI middleware for the edits route: each request tagged, at most `max_uploads` bodies read at
     once, and at most `max_queue` requests held (queued or running) once their bodies have arrived.
@@ -53,33 +71,33 @@ class QueueBound:
 
     def __init__(
         self, app: ASGIApp, *, max_queue: int, max_uploads: int, cancellations: CancelRegistry,
-        base_url: Callable[[Scope], str],
+        base_url: Callable[[Scope], str], in_flight: EditsInFlight,
     ) -> None:
         self.app = app
         self.max_queue = max_queue
         self.max_uploads = max_uploads
         self.cancellations = cancellations
         self.base_url = base_url
-        self.pending = 0
-        self.uploading = 0
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != wire.EDITS_PATH:
             await self.app(scope, receive, send)
             return
-        if self.uploading >= self.max_uploads:
-            message = f"The server is busy receiving {self.uploading} other uploads; retry later."
+        in_flight = self.in_flight
+        if in_flight.uploading >= self.max_uploads:
+            message = f"The server is busy receiving {in_flight.uploading} other uploads; retry later."
             await json_error(_busy(message, "too_many_uploads"))(scope, receive, send)
             return
         # Single-threaded event loop: a check and the increment after it cannot interleave.
-        self.uploading += 1
+        in_flight.uploading += 1
         state = {"uploading": True, "queued": False}
 
         async def counted_receive() -> Message:
             message = await receive()
             if state["uploading"] and (message["type"] != "http.request" or not message.get("more_body", False)):
                 state["uploading"] = False
-                self.uploading -= 1
+                in_flight.uploading -= 1
                 if message["type"] == "http.request":
                     self._take_slot()
                     state["queued"] = True
@@ -95,18 +113,20 @@ class QueueBound:
                     self.cancellations.forget(request_id)
         finally:
             if state["uploading"]:
-                self.uploading -= 1
+                in_flight.uploading -= 1
             if state["queued"]:
-                self.pending -= 1
+                in_flight.queued -= 1
+            in_flight.last_answered = time.monotonic()
 
     def _take_slot(self) -> None:
         """Count a request whose body has arrived, or refuse it (raised into the form parser, which
         hands FastAPI's HTTPException on as it is) when the queue is full."""
-        if self.pending >= self.max_queue:
-            message = f"The server is busy: {self.pending} requests are already queued or running; retry later."
+        queued = self.in_flight.queued
+        if queued >= self.max_queue:
+            message = f"The server is busy: {queued} requests are already queued or running; retry later."
             error = _busy(message, "queue_full")
             raise HTTPException(error.status, detail=error.body, headers=error.headers)
-        self.pending += 1
+        self.in_flight.queued += 1
 
 
 def _busy(message: str, code: str) -> APIError:

@@ -7,16 +7,14 @@ what an OpenAI client and a shared server need: the API core's guard (bearer key
 but `/health`, body limits, a 503 while workers load), its error shapes and its routes
 (`GET /v1/models`, result files); a bounded queue (429 `queue_full`); a deadline on time spent
 queued (504 `queue_timeout`); crashed workers restarted with their running request answered 503
-at once; and on SIGTERM a drain of accepted work before exiting.
+at once; and on SIGINT or SIGTERM, to the main process or to all of them, a drain of the
+accepted work before exiting (signals.py, drain.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,7 +33,8 @@ from clarity.api.results import LocalResultStore
 from clarity.models.catalogue import Catalogue
 from clarity.serving.litserve import patches
 from clarity.serving.litserve.api import EditsLitAPI
-from clarity.serving.litserve.queue import CancelRegistry, QueueBound
+from clarity.serving.litserve.drain import Drain
+from clarity.serving.litserve.queue import CancelRegistry, EditsInFlight, QueueBound
 from clarity.serving.litserve.watchdog import RequestWatchdog
 
 logger = logging.getLogger(__name__)
@@ -74,15 +73,19 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     )
     patches.run_beside_litserve(server, watchdog.run, name="clarity-request-watchdog")
     patches.run_beside_litserve(server, lambda: purge_on_a_timer(results), name="clarity-result-expiry")
+    in_flight = EditsInFlight()
+    drain = Drain(buffer, in_flight, config.shutdown_timeout)
+    patches.run_beside_litserve(server, drain.run, name="clarity-drain")
 
     app = server.app
     # Each added middleware wraps the app so far: the guard ends up outermost, then the queue bound.
     forwarded = ForwardedHeaders(config.forwarded_allow_ips)
     app.add_middleware(QueueBound, max_queue=config.max_queue, max_uploads=config.max_uploads,
-                       cancellations=cancellations, base_url=forwarded.base_url)
+                       cancellations=cancellations, base_url=forwarded.base_url, in_flight=in_flight)
     app.add_middleware(
         GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
         upload_timeout=config.upload_timeout, ready=lambda: patches.any_worker_ready(server),
+        stopping=lambda: drain.stopping,
     )
     install_error_handlers(app, plain_errors={504: QUEUE_TIMEOUT})
     add_public_routes(app, list(catalogue.models), results)
@@ -108,19 +111,6 @@ def serve(config: ServerConfig) -> int:
                 config.weights)
     if not config.api_key:
         logger.warning("no API key set (--api-key or CLARITY_API_KEY): anyone who can reach the port can use it")
-    # LitServe shuts its workers down on KeyboardInterrupt only; a plain SIGTERM (docker stop,
-    # Kubernetes) would leave the inference workers running as orphans. Its shutdown then
-    # sends SIGTERM to the HTTP process, where uvicorn stops listening and waits for the
-    # accepted requests (the workers still run them) before the workers are stopped.
-    main_pid = os.getpid()
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        if os.getpid() == main_pid:
-            raise KeyboardInterrupt
-        # A forked HTTP process (uvicorn re-raises the signal after its own graceful shutdown).
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     # Forwarded headers are read by the API core, from the proxies config.forwarded_allow_ips names;
     # uvicorn's own reading (which trusts 127.0.0.1 by default) would rewrite the scheme under it.
     server.run(host=config.host, port=config.port, generate_client_file=False, proxy_headers=False)
