@@ -15,19 +15,20 @@ from clarity.params import UpscaleParams
 
 if TYPE_CHECKING:
     from clarity.engine.acceleration import SpeedOptions
+    from clarity.engine.cost import DenoisingWork, denoising_work
     from clarity.engine.results import ProgressEvent, UpscaleResult, UpscaleStats
     from clarity.engine.upscaler import Upscaler
 
 __all__ = [
-    "ClarityError", "ContentPolicyError", "ParamError", "ProgressEvent", "SpeedOptions", "UpscaleParams",
-    "UpscaleResult", "UpscaleStats", "Upscaler", "WeightsError",
+    "ClarityError", "ContentPolicyError", "DenoisingWork", "ParamError", "ProgressEvent", "SpeedOptions",
+    "UpscaleParams", "UpscaleResult", "UpscaleStats", "Upscaler", "WeightsError", "denoising_work",
 ]
 __version__ = "0.1.0"
 
 #: Public names and the engine module each lives in.
 _ENGINE_NAMES = {
     "Upscaler": "upscaler", "ProgressEvent": "results", "UpscaleResult": "results", "UpscaleStats": "results",
-    "SpeedOptions": "acceleration",
+    "SpeedOptions": "acceleration", "DenoisingWork": "cost", "denoising_work": "cost",
 }
 
 

@@ -353,3 +353,20 @@ def test_an_upscaler_of_the_tiny_model_says_so_once(upscaler, caplog):
         Upscaler(upscaler.pipeline, name="real-model")
     warnings = [record.getMessage() for record in caplog.records if record.name == "clarity.engine.upscaler"]
     assert warnings == ["model tiny-test is the tiny test model: its outputs have no meaningful detail"]
+
+
+def test_denoising_work_counts_pixels_steps_guidance_and_variants():
+    from clarity import denoising_work
+
+    def work(size: tuple[int, int], num_images: int = 1, **params) -> float:
+        return denoising_work(size, UpscaleParams(**params), num_images).megapixel_steps
+
+    base = denoising_work((256, 256), UpscaleParams())  # 512 px output: one tile, 6 steps, guidance
+    assert base.tile_evaluations == 6 * 2 and base.megapixel_steps == pytest.approx(512 * 512 * 12 / 1e6)
+    assert work((256, 256), num_images=3) == pytest.approx(3 * base.megapixel_steps)
+    assert work((256, 256), dynamic=1) == pytest.approx(base.megapixel_steps / 2)
+    assert work((256, 256), creativity=0) == 0
+    # Smaller tiles overlap more: more work for the same output.
+    assert work((256, 256), tiling_width=16, tiling_height=16) > 2 * base.megapixel_steps
+    # A 4x upscale runs a 2x pass first; the second runs at 0.8 x creativity (5 of 18 steps).
+    assert work((128, 128), scale_factor=4) == pytest.approx((256 * 256 * 12 + 512 * 512 * 10) / 1e6)

@@ -177,6 +177,18 @@ def test_hostile_fields_are_a_400_naming_the_field(http, fields, param):
     assert error["param"] == param
 
 
+def test_an_hours_long_request_is_refused_before_any_work_naming_what_drives_it(http):
+    started = time.monotonic()
+    response = post_edit(http, png(256, 256), scale_factor="16", num_inference_steps="100", creativity="1",
+                         tiling_width="16", tiling_height="16", n="4")
+    error = assert_openai_error(response, 400)
+    assert (error["param"], error["code"]) == ("scale_factor", "over_compute_budget")
+    assert "megapixel-steps" in error["message"] and time.monotonic() - started < 10
+    # The same steps and tiles on an output of a sensible size are within the budget.
+    assert post_edit(http, png(16, 16), num_inference_steps="100", creativity="1", tiling_width="16",
+                     tiling_height="16", n="4").status_code != 400
+
+
 def test_an_output_over_the_pixel_cap_is_refused_naming_scale_factor(http):
     # 1000x1000 (1 MP, the input limit) at 16x is 256 MP, far over the default 16.8 MP cap.
     image = encode(Image.new("RGB", (1000, 1000), (40, 80, 120)))

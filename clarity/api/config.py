@@ -108,8 +108,14 @@ class ServerConfig:
         30.0, "On SIGINT or SIGTERM, seconds accepted requests get to finish; any still unfinished are then"
         " answered 503 shutting_down.", min=0
     )
+    max_denoising_mp_steps: float = option(
+        2000.0, "Largest denoising work a request may ask for, in megapixel-steps (pixels the model sees x steps"
+        " x 2 with guidance x variants; a default 2x upscale to 16.8 MP is about 220): more is a 400 naming the"
+        " parameter that drives it, before any work.", min=0,
+    )
     max_compute_seconds: float | None = option(
-        None, "Stop an upscale that has run this long and answer 504 compute_timeout (default: no limit).", min=0
+        1800.0, "Stop an upscale that has run this long and answer 504 compute_timeout (0: no limit); raise it"
+        " for large outputs on a CPU (about 7 minutes per output megapixel there with real weights).", min=0,
     )
     log_level: str = option(
         "info", "Server and worker log level: info logs a line as each request starts and ends, and progress"

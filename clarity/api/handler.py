@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from clarity.api import wire
+from clarity.api.budget import check_budget
 from clarity.api.config import ServerConfig
 from clarity.api.errors import CLIENT_GONE_STATUS, ENGINE_FAILURE, APIError, api_error
 from clarity.api.logs import RequestLog
@@ -89,6 +90,7 @@ class EditHandler:
             edit = wire.parse_edit_form(items, self.catalogue.models, max_input_pixels=self.config.max_input_pixels)
         except ClarityError as error:
             raise api_error(error) from None
+        check_budget(edit.image.size, edit.params, edit.n, self.config.max_denoising_mp_steps)
         if edit.response_format == "url":
             try:
                 self.results.check_room()  # before minutes of work whose result could not be kept
