@@ -1,4 +1,4 @@
-"""Inputs at the edges: every image the decoder accepts gets an answer.
+"""Inputs at the edges: every image the decoder accepts, and every prompt weight, gets an answer.
 
 An upscale gives the promised size (`output_size` of the input, or of the input as
 `downscaling` shrank it) or refuses with a `ParamError` naming a field, a 400 through the
@@ -164,3 +164,15 @@ def test_every_shape_is_a_200_of_the_promised_size_or_a_400_naming_the_field(htt
     expected = promised_size(size, float(fields["scale_factor"]), downscale_to)
     images = [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in response.json()["data"]]
     assert [image.size for image in images] == [expected] * int(fields.get("n", 1))
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [("prompt", "a (cat:nan)"), ("prompt", "(cat:inf) on a mat"), ("negative_prompt", "(blurry:1e999)"),
+     ("negative_prompt", "((ugly:90):90)"), ("prompt", "<lora:detail:nan>")],
+)
+def test_non_finite_or_huge_prompt_weights_are_a_400_naming_the_prompt(http, field, text):
+    response = post_edit(http, make_test_image(16, 16), **{field: text})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and "weight" in error["message"]
