@@ -68,6 +68,9 @@ def pixels(image) -> np.ndarray:
         ("((cat:1.5) dog:0.5)", [[("cat", 0.75), (" dog", 0.5)]]),
         (r"\(cat\) \[dog\]", [[("(cat) [dog]", 1.0)]]),
         ("(cat:abc)", [[("cat:abc", 1.1)]]),  # not a number: literal, as A1111 reads it
+        ("(cat:info)", [[("cat:info", 1.1)]]),
+        ("(cat:2e-1)", [[("cat", 0.2)]]),  # an exponent is a number, as in LoRA tags
+        ("(cat:-100) ((dog:10):10)", [[("cat", -100.0), (" ", 1.0), ("dog", 100.0)]]),  # the limits themselves
         ("cat) dog]", [[("cat) dog]", 1.0)]]),  # brackets that close nothing are text
         ("(cat, dog", [[("cat, dog", 1.1)]]),  # an unclosed bracket runs to the end
         ("(cat:1.0) dog", [[("cat dog", 1.0)]]),
@@ -93,6 +96,25 @@ def test_a_malformed_weight_number_is_an_error_naming_the_field():
     with pytest.raises(ParamError, match="1.2.3") as caught:
         parse_weighting("(cat:1.2.3)", "negative_prompt")
     assert caught.value.param == "negative_prompt"
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+@pytest.mark.parametrize("text", ["(cat:nan)", "(cat: NaN )", "(cat:inf)", "(cat:-Infinity)", "(cat:1e999)",
+                                  "(cat:1e5)", "(cat:100.5)", "(cat:" + "9" * 400 + ")", "((cat:90):90)",
+                                  "(" * 49 + "cat", "<lora:x:nan>", "<lora:x:1:inf>"])
+def test_non_finite_or_huge_weights_are_errors_naming_the_field(text, field):
+    # Read as text or taken as weights, these gave NaN or overflowing embeddings: an image of
+    # noise, or a failed upscale (1e30 made the tiny model's attention overflow into NaN pixels).
+    with pytest.raises(ParamError, match="from -100 to 100") as caught:
+        split_lora_tags(text, field) if "<lora" in text else parse_weighting(text, field)
+    assert caught.value.param == field and len(caught.value.message) < 200
+
+
+def test_a_non_finite_weight_fails_the_upscale_before_any_work(upscaler):
+    events = []
+    with pytest.raises(ParamError, match="weight") as caught:
+        upscaler.upscale(make_test_image(32, 32), negative_prompt="(blurry:nan)", progress=events.append)
+    assert caught.value.param == "negative_prompt" and events == []
 
 
 def test_weights_change_the_embeddings_and_weight_one_changes_nothing(upscaler):

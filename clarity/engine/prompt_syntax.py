@@ -4,7 +4,10 @@
   `\\(` `\\)` `\\[` `\\]` for literal brackets, and `BREAK` to start a new 75-token window.
   A weight that is not a number, `(word:abc)`, is read as A1111 reads it: the colon and the
   text are literal and the brackets emphasise by 1.1. A malformed number such as `(word:1.2.3)`
-  is a `ParamError`.
+  is a `ParamError`, and so is a weight that is not finite (`nan`, `inf`, `1e999`) or, written
+  or multiplied out by nesting, beyond +-`MAX_WEIGHT`: it would be encoded into NaN or
+  overflowing embeddings, and the upscale would fail or come out as noise.
+  Exponents (`(word:2e-1)`) are read as numbers, as Python and LoRA tags read them.
 - **LoRA tags**: `<lora:name>`, `<lora:name:weight>` or `<lora:name:text_encoder_weight:unet_weight>`;
   other `<kind:...>` extra-network tags are refused.
 
@@ -18,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from clarity.errors import ParamError
+from clarity.errors import ParamError, echo
 
 #: A1111's extra-network tag, `<kind:arguments>`; only the `lora` kind is supported here.
 _EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
@@ -27,11 +30,20 @@ _EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 # into compel's own syntax would mean escaping compel's operators (`+`, `-`, `.and()`, quotes)
 # in ordinary words, so this small reader produces (text, weight) fragments and compel
 # encodes them. Alternatives in order: an escaped bracket or backslash, a lone backslash,
-# an opening bracket, a `:weight)` closing, a closing bracket, plain text, a lone colon.
-_WEIGHTING_TOKEN = re.compile(r"\\[\\()\[\]]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
+# an opening bracket, a `:weight)` closing, a closing bracket, plain text, a lone colon. A
+# weight is A1111's digits and dots, or what else Python reads as a float (an exponent, nan,
+# inf): `(cat:nan)` is then refused, not quietly taken as the text "cat:nan".
+_WEIGHTING_TOKEN = re.compile(
+    r"\\[\\()\[\]]|\\|[(\[]|:\s*([+-]?(?:[.\d]+(?:[eE][+-]?\d+)?|(?i:nan|inf(?:inity)?)))\s*\)|[)\]]"
+    r"|[^\\()\[\]:]+|:"
+)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 #: Multiplier of `(text)`; `[text]` divides by it. A1111's values.
 EMPHASIS = 1.1
+#: Largest magnitude of a weight, written or multiplied out by nested brackets, and of a LoRA
+#: tag's weights. Useful weights lie within about -2 to 3; far beyond, embeddings leave
+#: anything the model was trained on, and by 1e30 even float32 attention overflows into NaN.
+MAX_WEIGHT = 100.0
 
 #: Prompt text as (text, weight) pieces, in order.
 Fragments = list[tuple[str, float]]
@@ -87,7 +99,7 @@ def parse_weighting(text: str, param: str) -> list[Fragments]:
         elif token == "[":
             open_square.append(len(pieces))
         elif weight is not None and open_round:
-            scale_from(open_round.pop(), _number(weight, param, f"(...:{weight})"))
+            scale_from(open_round.pop(), _number(weight, param, "(text:weight)"))
         elif token == ")" and open_round:
             scale_from(open_round.pop(), EMPHASIS)
         elif token == "]" and open_square:
@@ -99,6 +111,7 @@ def parse_weighting(text: str, param: str) -> list[Fragments]:
         scale_from(start, EMPHASIS)
     for start in open_square:
         scale_from(start, 1 / EMPHASIS)
+    _check_multiplied_weights(pieces, param)
 
     segments: list[Fragments] = [[]]
     for piece_text, piece_weight in pieces:
@@ -117,10 +130,23 @@ def parse_weighting(text: str, param: str) -> list[Fragments]:
 
 
 def _number(text: str, param: str, where: str) -> float:
+    """`text` as a weight; `ParamError` naming `param` (and `where`) unless it is a number within +-`MAX_WEIGHT`."""
     try:
         value = float(text)
     except ValueError:
-        raise ParamError(param, f"{where}: the weight {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ParamError(param, f"{where}: the weight must be finite, got {text!r}")
+        raise ParamError(param, f"{where}: the weight {echo(text)} is not a number") from None
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise ParamError(param, f"{where}: the weight must be a number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g},"
+                                f" got {echo(text)}")
     return value
+
+
+def _check_multiplied_weights(pieces: list[list], param: str) -> None:
+    """`ParamError` naming `param` when nested brackets multiply a piece's weight beyond +-`MAX_WEIGHT`.
+
+    Each written weight is within the limit, but their product need not be: `((cat:90):90)`.
+    """
+    for text, weight in pieces:
+        if abs(weight) > MAX_WEIGHT:
+            raise ParamError(param, f"nested brackets multiply the weight of {echo(text.strip())} to {weight:.3g};"
+                                    f" weights must be from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}")

@@ -190,7 +190,7 @@ class Upscaler:
         self.pipeline.check_prompt(params.prompt, params.negative_prompt)
         pre_upscaler = self.pre_upscalers.get(params.upscaler)
         safety_checker = self.safety_checker() if params.enable_safety_checker else None
-        kept = None if mask is None else self._kept_original(mask, rgb, size, pre_upscaler, params.pattern)
+        kept = self._kept_original(mask, source.rgb.size, rgb, size, pre_upscaler, params.pattern)
 
         # 3. Upscale each variant: chained passes (retried while memory runs out), sharpening, the kept original.
         base_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
@@ -228,10 +228,22 @@ class Upscaler:
         return width, height
 
     def _kept_original(
-        self, mask: ImageSource, rgb: Image.Image, size: tuple[int, int], pre_upscaler: PreUpscaler, wrap: bool
-    ) -> _KeptOriginal:
-        """What `mask` keeps of `rgb` in an output of `size`: its plain pre-upscaled version."""
-        keep = keep_mask(load_image(mask, param="mask"), rgb.size, size)
+        self,
+        mask: ImageSource | None,
+        input_size: tuple[int, int],
+        rgb: Image.Image,
+        size: tuple[int, int],
+        pre_upscaler: PreUpscaler,
+        wrap: bool,
+    ) -> _KeptOriginal | None:
+        """What `mask` keeps of `rgb` in an output of `size`: its plain pre-upscaled version (None without a mask).
+
+        `mask` must have the shape of the image as sent (`input_size`), not of `rgb`: `downscaling`
+        rounds the sides of `rgb`, which shifts the aspect ratio of a small or thin image.
+        """
+        if mask is None:
+            return None
+        keep = keep_mask(load_image(mask, param="mask"), input_size, size)
         return _KeptOriginal(image=self._pre_upscale(pre_upscaler, rgb, size, wrap), mask=keep)
 
     def safety_checker(self) -> SafetyChecker:

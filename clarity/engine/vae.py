@@ -34,6 +34,9 @@ DECODER_CONTEXT = 8
 ENCODER_CONTEXT = 4
 #: Latent pixels over which neighbouring tiles cross-fade.
 BLEND_OVERLAP = 4
+#: Aspect ratio beyond which an image counts as a thin strip when its GroupNorm statistics are
+#: measured (see `_miniature_size`).
+THIN_ASPECT = 8
 
 
 class GroupNormStatistics:
@@ -206,14 +209,35 @@ def _blend_tiles(plan: TilePlan, run: Callable, scale: int) -> torch.Tensor:
 
 
 def _matched_miniature(x: torch.Tensor, max_side: int) -> torch.Tensor:
-    """`x` shrunk to fit in `max_side`, with each channel's mean and std matched to the full `x`.
+    """`x` shrunk to about one tile (see `_miniature_size`), each channel's mean and std matched to the full `x`.
 
     Shrinking smooths the content and lowers its variance; matching the first moments keeps
     the statistics the VAE measures on the copy close to those of the whole image.
     """
-    factor = max(x.shape[-2:]) / max_side
-    size = (max(1, math.ceil(x.shape[-2] / factor)), max(1, math.ceil(x.shape[-1] / factor)))
+    size = _miniature_size(x.shape[-2], x.shape[-1], max_side)
+    if size == tuple(x.shape[-2:]):
+        return x  # small enough as it is: the statistics are the whole image's own
     small = F.interpolate(x.float(), size=size, mode="area")
     full_mean, full_std = x.float().mean((-2, -1), keepdim=True), x.float().std((-2, -1), keepdim=True)
     small_mean, small_std = small.mean((-2, -1), keepdim=True), small.std((-2, -1), keepdim=True)
     return ((small - small_mean) / (small_std + 1e-6) * full_std + full_mean).to(x.dtype)
+
+
+def _miniature_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """The size of the copy of an image that GroupNorm statistics are measured on: about one tile.
+
+    An image of ordinary shape is shrunk evenly to fit a `max_side` square. A thin strip (over
+    `THIN_ASPECT`:1) keeps its short side, up to `max_side`, and only its long side is shrunk,
+    to what a tile's area leaves: evenly shrunk, it would be only a few pixels thin (or too thin
+    for the encoder to run on at all), and the zero padding along it would dominate every
+    statistic, while the tiles see the strip's true thickness. (Measured on the tiny model's
+    encoder: a 1024x64 strip in 128 px tiles gave noise; kept whole, the tiled latents are as
+    close to the untiled ones as an ordinary image's.)
+    """
+    short, long = min(height, width), max(height, width)
+    if long <= short * THIN_ASPECT:
+        factor = long / max_side
+        return max(1, math.ceil(height / factor)), max(1, math.ceil(width / factor))
+    kept_short = min(short, max_side)
+    shrunk_long = min(long, max(max_side, max_side**2 // kept_short))
+    return (kept_short, shrunk_long) if height == short else (shrunk_long, kept_short)
