@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from clarity.engine.seamless import snap_to_latent_grid
+from clarity.engine.images import shrunk_size
 from clarity.engine.tiling import plan_tiles
-from clarity.engine.upscaler import plan_passes
+from clarity.engine.upscaler import pass_strength, pass_targets
 from clarity.engine.vae import VAE_SCALE
-from clarity.imageio import output_size
 from clarity.params import UpscaleParams
 
 
@@ -33,28 +32,16 @@ class DenoisingWork:
 
 def denoising_work(image_size: tuple[int, int], params: UpscaleParams, num_images: int = 1) -> DenoisingWork:
     """The work of upscaling an image of `image_size` with `params`, `num_images` variants."""
-    size = _prepared_size(image_size, params)
-    factors = plan_passes(params.scale_factor)
+    # The passes start from the input, or its shrunk copy with `downscaling`.
+    size = shrunk_size(image_size, params.downscaling_resolution) if params.downscaling else image_size
     guidance = 2 if params.dynamic > 1 else 1
     pixels = evaluations = 0
-    cumulative = 1.0
-    for index, factor in enumerate(factors):
-        cumulative *= factor
-        scale = params.scale_factor if index == len(factors) - 1 else cumulative
-        target = output_size(size, scale)
-        if params.pattern:
-            target = snap_to_latent_grid(target)
+    for index, target in enumerate(pass_targets(size, params)):
         plan = plan_tiles(math.ceil(target[1] / VAE_SCALE), math.ceil(target[0] / VAE_SCALE),
                           params.tiling_height, params.tiling_width, params.tile_overlap, params.pattern)
-        strength = min(1.0, params.creativity * params.multistep_factor**index)
-        steps = min(int(params.num_inference_steps * strength), params.num_inference_steps) * guidance
+        steps = min(int(params.num_inference_steps * pass_strength(params, index)), params.num_inference_steps)
+        steps *= guidance
         pixels += sum(tile.height * tile.width for tile in plan.tiles) * VAE_SCALE**2 * steps
         evaluations += len(plan.tiles) * steps
     return DenoisingWork(megapixel_steps=pixels * num_images / 1e6, tile_evaluations=evaluations * num_images)
 
-
-def _prepared_size(size: tuple[int, int], params: UpscaleParams) -> tuple[int, int]:
-    """The size the passes start from: the input, or its shrunk copy with `downscaling`."""
-    if params.downscaling and max(size) > params.downscaling_resolution:
-        return output_size(size, params.downscaling_resolution / max(size))
-    return size

@@ -33,12 +33,16 @@ def keep_mask(mask: Image.Image, input_size: tuple[int, int], size: tuple[int, i
     return gray.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(MASK_BLUR_RADIUS))
 
 
+def shrunk_size(size: tuple[int, int], longest_side: int) -> tuple[int, int]:
+    """`size` shrunk so its longest side is `longest_side` (the aspect ratio kept); smaller sizes as they are."""
+    scale = longest_side / max(size)
+    return size if scale >= 1 else output_size(size, scale)
+
+
 def shrink_to(image: Image.Image, longest_side: int) -> Image.Image:
     """`image` shrunk (Lanczos) so its longest side is `longest_side`; smaller images are kept as they are."""
-    scale = longest_side / max(image.size)
-    if scale >= 1:
-        return image
-    return image.resize(output_size(image.size, scale), Image.Resampling.LANCZOS)
+    size = shrunk_size(image.size, longest_side)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

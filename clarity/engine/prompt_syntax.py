@@ -31,10 +31,11 @@ _EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 # in ordinary words, so this small reader produces (text, weight) fragments and compel
 # encodes them. Alternatives in order: an escaped bracket or backslash, a lone backslash,
 # an opening bracket, a `:weight)` closing, a closing bracket, plain text, a lone colon. A
-# weight is A1111's digits and dots, or what else Python reads as a float (an exponent, nan,
-# inf): `(cat:nan)` is then refused, not quietly taken as the text "cat:nan".
+# weight is A1111's digits and dots (ASCII digits, as in every numeric field), or what else
+# Python reads as a float (an exponent, nan, inf): `(cat:nan)` is then refused, not quietly
+# taken as the text "cat:nan".
 _WEIGHTING_TOKEN = re.compile(
-    r"\\[\\()\[\]]|\\|[(\[]|:\s*([+-]?(?:[.\d]+(?:[eE][+-]?\d+)?|(?i:nan|inf(?:inity)?)))\s*\)|[)\]]"
+    r"\\[\\()\[\]]|\\|[(\[]|:\s*([+-]?(?:[.0-9]+(?:[eE][+-]?[0-9]+)?|(?i:nan|inf(?:inity)?)))\s*\)|[)\]]"
     r"|[^\\()\[\]:]+|:"
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
@@ -132,6 +133,8 @@ def parse_weighting(text: str, param: str) -> list[Fragments]:
 def _number(text: str, param: str, where: str) -> float:
     """`text` as a weight; `ParamError` naming `param` (and `where`) unless it is a number within +-`MAX_WEIGHT`."""
     try:
+        if not text.isascii() or "_" in text:  # float() also reads other scripts' digits and 1_000
+            raise ValueError
         value = float(text)
     except ValueError:
         raise ParamError(param, f"{where}: the weight {echo(text)} is not a number") from None

@@ -66,6 +66,25 @@ def plan_passes(scale_factor: float) -> list[float]:
     return [*factors, remaining]
 
 
+def pass_targets(size: tuple[int, int], params: UpscaleParams) -> list[tuple[int, int]]:
+    """The output size of each chained pass over an input of `size`: the cumulative scales of
+    `plan_passes`, the last one exactly the requested size whatever rounding came before (with
+    `pattern`, sides in whole latent pixels)."""
+    factors = plan_passes(params.scale_factor)
+    targets = []
+    cumulative = 1.0
+    for index, factor in enumerate(factors):
+        cumulative *= factor
+        target = output_size(size, params.scale_factor if index == len(factors) - 1 else cumulative)
+        targets.append(snap_to_latent_grid(target) if params.pattern else target)
+    return targets
+
+
+def pass_strength(params: UpscaleParams, pass_index: int) -> float:
+    """Pass k runs at creativity x multistep_factor^k, capped at 1."""
+    return min(1.0, params.creativity * params.multistep_factor**pass_index)
+
+
 class Upscaler:
     """Creative upscaling with SD1.5 + ControlNet-tile over latent tiles.
 
@@ -266,17 +285,9 @@ class Upscaler:
         pre_upscaler: PreUpscaler,
     ) -> Image.Image:
         """Run the chained passes for one variant."""
-        factors = plan_passes(params.scale_factor)
         original_size = rgb.size
-        cumulative = 1.0
-        for index, factor in enumerate(factors):
-            cumulative *= factor
-            # The last pass targets the exact requested size, whatever rounding came before.
-            scale = params.scale_factor if index == len(factors) - 1 else cumulative
-            target = output_size(original_size, scale)
-            if params.pattern:
-                target = snap_to_latent_grid(target)
-
+        targets = pass_targets(original_size, params)
+        for index, target in enumerate(targets):
             started = time.perf_counter()
             pre_upscaled = self._pre_upscale(pre_upscaler, rgb, target, params.pattern)
             preupscale_seconds = time.perf_counter() - started
@@ -285,10 +296,10 @@ class Upscaler:
 
             def on_step(step: int, steps: int, index: int = index) -> None:
                 if progress is not None:
-                    progress(ProgressEvent(variant, variants, index, len(factors), step, steps))
+                    progress(ProgressEvent(variant, variants, index, len(targets), step, steps))
 
             if progress is not None:
-                progress(ProgressEvent(variant, variants, index, len(factors), 0, 0))
+                progress(ProgressEvent(variant, variants, index, len(targets), 0, 0))
             reference = pil_to_tensor(pre_upscaled)
             result, pass_stats = self.pipeline(reference, settings, on_step=on_step)
             if not torch.isfinite(result).all():
@@ -322,7 +333,7 @@ class Upscaler:
         return PassSettings(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
-            strength=min(1.0, params.creativity * params.multistep_factor**pass_index),
+            strength=pass_strength(params, pass_index),
             guidance_scale=params.dynamic,
             num_inference_steps=params.num_inference_steps,
             controlnet_scale=params.resemblance,
