@@ -30,7 +30,7 @@ from clarity.errors import ClarityError
 from clarity.imageio import encode_image
 
 if TYPE_CHECKING:
-    from clarity import Upscaler, UpscaleResult
+    from clarity import ProgressEvent, Upscaler, UpscaleResult
     from clarity.models.catalogue import Catalogue
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class EditHandler:
         log.started_work(f"model {model}, {width}x{height} at scale {request.params.scale_factor:g}, n={request.n}")
         limit = self.config.max_compute_seconds
 
-        def check(event: Any) -> None:
+        def check(event: ProgressEvent) -> None:
             if limit and time.monotonic() - started > limit:
                 message = f"The upscale took longer than this server's limit of {limit:g} s."
                 raise _Stop(APIError(504, message, code="compute_timeout"), f"over the compute limit of {limit:g} s")
