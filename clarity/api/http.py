@@ -2,8 +2,8 @@
 routes that are not the edits endpoint (models, result files).
 
 Plain Starlette/FastAPI, no runtime: a runtime adds the edits route itself (it decides where the
-work runs), puts `GuardMiddleware` outermost, and calls `install_error_handlers` and
-`add_public_routes` on its app.
+work runs), puts `GuardMiddleware` outermost, and calls `install_error_handlers`,
+`add_public_routes` and, last, `docs.install_docs` on its app.
 """
 
 from __future__ import annotations
@@ -31,8 +31,19 @@ logger = logging.getLogger(__name__)
 
 #: The route load balancers probe: 200 while the server takes edits.
 HEALTH_PATH = "/health"
-#: Routes anyone may call: load balancers probe /health without credentials.
-OPEN_PATHS = frozenset({HEALTH_PATH})
+MODELS_PATH = "/v1/models"
+#: The API's description (OpenAPI), and the pages that show it, with their scripts and styles.
+OPENAPI_PATH = "/openapi.json"
+DOCS_PATH = "/docs"
+REDOC_PATH = "/redoc"
+DOCS_ASSETS_PATH = "/docs/assets"
+#: Routes anyone may call; an entry ending in "/" opens every path under it. Load balancers probe
+#: /health without credentials; the docs describe only the public API and are read in a browser
+#: (which cannot send the key) before trying calls with it; the result files' unguessable names
+#: are their credential. Everything else (`/info`, which names paths of the deployment) needs the key.
+OPEN_PATHS = frozenset({
+    HEALTH_PATH, OPENAPI_PATH, DOCS_PATH, REDOC_PATH, DOCS_ASSETS_PATH + "/", FILES_ROUTE + "/",
+})
 #: What a new edit (and /health) hears while the server stops.
 NO_NEW_WORK = "The server is shutting down and takes no new requests; retry shortly."
 
@@ -77,6 +88,11 @@ def _first(value: str | None) -> str | None:
     return value.split(",")[0].strip() or None if value else None
 
 
+def is_open(path: str) -> bool:
+    """Whether `path` (a request path, or a route's path template) is served without the key."""
+    return path in OPEN_PATHS or any(path.startswith(entry) for entry in OPEN_PATHS if entry.endswith("/"))
+
+
 def json_error(error: APIError) -> Response:
     return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
@@ -100,11 +116,10 @@ class GuardMiddleware:
 
     A plain ASGI middleware, so that it runs before any form is parsed: an oversized or slow
     upload is refused as it arrives, not after it has been buffered. The key is checked on
-    every route but `OPEN_PATHS` and the result files (whose unguessable names are the
-    credential). `ready()` says whether a worker can take edits yet (else 503 with Retry-After).
-    `stopping()` says whether the server is shutting down: then new edits and `/health` get a
-    503 `shutting_down` (so load balancers move on), while result files and the other routes
-    are still served to the clients that were given them.
+    every route but `OPEN_PATHS` (`is_open`). `ready()` says whether a worker can take edits
+    yet (else 503 with Retry-After). `stopping()` says whether the server is shutting down:
+    then new edits and `/health` get a 503 `shutting_down` (so load balancers move on), while
+    result files and the other routes are still served to the clients that were given them.
     """
 
     def __init__(
@@ -133,7 +148,7 @@ class GuardMiddleware:
         """The answer to send at once, from the path and headers alone; None to go on."""
         path = scope["path"]
         headers = {name.decode("latin-1").lower(): value for name, value in scope["headers"]}
-        if self._key and path not in OPEN_PATHS and not path.startswith(FILES_ROUTE + "/"):
+        if self._key and not is_open(path):
             rejection = self._check_key(headers.get("authorization"))
             if rejection:
                 return APIError(401, rejection, code="invalid_api_key")
@@ -243,11 +258,11 @@ def install_error_handlers(app: FastAPI, plain_errors: dict[int, APIError] | Non
 def add_public_routes(app: FastAPI, models: Collection[str], results: ResultStore) -> None:
     """`GET /v1/models`, `GET /v1/models/{id}` and the url-mode result files."""
 
-    @app.get("/v1/models")
+    @app.get(MODELS_PATH)
     async def list_models() -> dict[str, Any]:
         return wire.models_list(models)
 
-    @app.get("/v1/models/{model_id}")
+    @app.get(MODELS_PATH + "/{model_id}")
     async def get_model(model_id: str) -> Response:
         if model_id not in models:
             return json_error(model_not_found(model_id, models))
@@ -261,14 +276,3 @@ def add_public_routes(app: FastAPI, models: Collection[str], results: ResultStor
             return json_error(APIError(404, message, code="file_not_found"))
         return FileResponse(path, media_type=media_type(name))
 
-
-def document_edits_form(app: FastAPI) -> None:
-    """Describe the edits form in the OpenAPI schema (a raw-request route declares no fields)."""
-    build_schema = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        schema = build_schema()  # built once and cached by FastAPI; patching it again changes nothing
-        schema["paths"][wire.EDITS_PATH]["post"]["requestBody"] = wire.edit_form_schema()
-        return schema
-
-    app.openapi = openapi

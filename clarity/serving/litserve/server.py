@@ -4,11 +4,12 @@
 
 Around LitServe's `/v1/images/edits` (a thin LitAPI over the API core's handler) this adds
 what an OpenAI client and a shared server need: the API core's guard (bearer key on every route
-but `/health`, body limits, a 503 while workers load), its error shapes and its routes
-(`GET /v1/models`, result files); a bounded queue (429 `queue_full`); a deadline on time spent
-queued (504 `queue_timeout`); crashed workers restarted with their running request answered 503
-at once; and on SIGINT or SIGTERM, to the main process or to all of them, a drain of the
-accepted work before exiting (signals.py, drain.py).
+but the open ones: `/health`, result files, docs; body limits, a 503 while workers load), its error
+shapes and its routes (`GET /v1/models`, result files, offline `/docs` and the public API's
+`/openapi.json`); a bounded queue (429 `queue_full`); a deadline on time spent queued (504
+`queue_timeout`); crashed workers restarted with their running request answered 503 at once; and
+on SIGINT or SIGTERM, to the main process or to all of them, a drain of the accepted work before
+exiting (signals.py, drain.py).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from pathlib import Path
 
 from clarity.api import wire
 from clarity.api.config import ServerConfig
+from clarity.api.docs import install_docs
 from clarity.api.errors import APIError
 from clarity.api.handler import EditHandler
 from clarity.api.http import (
     ForwardedHeaders,
     GuardMiddleware,
     add_public_routes,
-    document_edits_form,
     install_error_handlers,
 )
 from clarity.api.results import LocalResultStore
@@ -89,7 +90,7 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     )
     install_error_handlers(app, plain_errors={504: QUEUE_TIMEOUT})
     add_public_routes(app, list(catalogue.models), results)
-    document_edits_form(app)
+    install_docs(app)
     return server
 
 
