@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import re
 import time
 from urllib.parse import urlsplit
 
@@ -18,9 +20,13 @@ import pytest
 from conftest import edit_handler, make_test_image, running_server
 from fastapi.testclient import TestClient
 from PIL import Image
+from starlette.routing import Route
 
+import clarity
 from clarity.api.config import ServerConfig
+from clarity.api.http import is_open
 from clarity.api.results import LocalResultStore
+from clarity.api.wire import known_fields
 from clarity.errors import ParamError
 from clarity.serving.litserve.server import build_server
 
@@ -271,12 +277,51 @@ def test_wrong_key_is_an_authentication_error(http):
     assert "sk-wrong" not in caught.value.message
 
 
-def test_every_route_but_health_needs_the_key(http):
-    assert http.get("/health").status_code == 200
-    for method, path in [("GET", "/v1/models"), ("GET", "/info"), ("POST", "/v1/images/edits")]:
-        response = http.request(method, path)
+def test_every_route_but_the_open_ones_needs_the_key(http):
+    for path in ["/health", "/openapi.json", "/docs", "/redoc", "/docs/assets/swagger-ui.css"]:
+        assert http.get(path).status_code == 200, path
+    # Every route the app has, whoever added it (LitServe, the API core), unless OPEN_PATHS names it.
+    guarded = {(method, route.path) for route in http.app.routes if isinstance(route, Route)
+               for method in route.methods - {"HEAD"} if not is_open(route.path)}
+    assert {("GET", "/info"), ("GET", "/v1/models"), ("POST", "/v1/images/edits")} <= guarded
+    for method, path in sorted(guarded):
+        response = http.request(method, re.sub(r"\{[^}]+\}", "x", path))
         assert response.status_code == 401, path
         assert response.json()["error"]["type"] == "invalid_request_error"
+    assert http.get("/info", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_open_without_the_key_and_load_nothing_from_elsewhere(http, page):
+    response = http.get(page)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<title>Clarity API</title>" in response.text
+    assets = re.findall(r'<(?:script|link)[^>]*?(?:src|href)="([^"]+)"', response.text)
+    assert assets and not [url for url in assets if not url.startswith("/") or url.startswith("//")], assets
+    assert "cdn." not in response.text and "fonts.googleapis" not in response.text
+    types = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+    for url in assets:
+        served = http.get(url)
+        assert served.status_code == 200, url
+        assert served.headers["content-type"].startswith(types[os.path.splitext(url)[1]]), url
+
+
+def test_openapi_schema_describes_the_public_api_only(http):
+    schema = http.get("/openapi.json").json()  # no key
+    assert schema["info"]["title"] == "Clarity"
+    assert schema["info"]["version"] == clarity.__version__
+    assert set(schema["paths"]) == {"/v1/images/edits", "/v1/models", "/v1/models/{model_id}",
+                                    "/v1/files/{name}", "/health"}
+    edits = schema["paths"]["/v1/images/edits"]["post"]
+    form = edits["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["properties"]) == set(known_fields()) and form["required"] == ["image"]
+    assert {"200", "400", "401", "404", "413", "429", "503", "504"} <= set(edits["responses"])
+    assert schema["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": "The server's API key (`--api-key`)."}
+    assert edits["security"] == [{"bearerAuth": []}]
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert "/info" not in json.dumps(schema["paths"])
 
 
 def test_unknown_route_is_a_404_in_openai_shape(http):
