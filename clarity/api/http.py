@@ -100,8 +100,8 @@ class GuardMiddleware:
 
     A plain ASGI middleware, so that it runs before any form is parsed: an oversized or slow
     upload is refused as it arrives, not after it has been buffered. The key is checked on
-    every route but `OPEN_PATHS` and the result files (whose unguessable names are the
-    credential). `ready()` says whether a worker can take edits yet (else 503 with Retry-After).
+    every route but `open_paths` (default `OPEN_PATHS`) and the result files (whose unguessable
+    names are the credential). `ready()` says whether a worker can take edits yet (else 503 with Retry-After).
     `stopping()` says whether the server is shutting down: then new edits and `/health` get a
     503 `shutting_down` (so load balancers move on), while result files and the other routes
     are still served to the clients that were given them.
@@ -110,8 +110,10 @@ class GuardMiddleware:
     def __init__(
         self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, upload_timeout: float,
         ready: Callable[[], bool], stopping: Callable[[], bool] = lambda: False,
+        open_paths: Collection[str] = OPEN_PATHS,
     ) -> None:
         self.app = app
+        self.open_paths = frozenset(open_paths)
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.upload_timeout = upload_timeout
@@ -133,7 +135,7 @@ class GuardMiddleware:
         """The answer to send at once, from the path and headers alone; None to go on."""
         path = scope["path"]
         headers = {name.decode("latin-1").lower(): value for name, value in scope["headers"]}
-        if self._key and path not in OPEN_PATHS and not path.startswith(FILES_ROUTE + "/"):
+        if self._key and path not in self.open_paths and not path.startswith(FILES_ROUTE + "/"):
             rejection = self._check_key(headers.get("authorization"))
             if rejection:
                 return APIError(401, rejection, code="invalid_api_key")
