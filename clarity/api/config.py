@@ -64,6 +64,10 @@ class ServerConfig:
         " to anyone who can reach its port",
         env="CLARITY_API_KEY",
     )
+    metrics_public: bool = option(
+        False, "Serve /metrics (Prometheus) without the API key, for a scraper on a trusted network; by default"
+        " it needs the key like every other route.",
+    )
     output_dir: Path | None = option(
         None, "Where url-mode results are kept (default: a new temporary folder).", metavar="DIR"
     )

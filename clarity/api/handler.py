@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from clarity.api import wire
+from clarity.api import metrics, wire
 from clarity.api.budget import check_budget
 from clarity.api.config import ServerConfig
 from clarity.api.errors import CLIENT_GONE_STATUS, ENGINE_FAILURE, APIError, api_error
@@ -66,37 +66,55 @@ class EditHandler:
         self.catalogue = catalogue
         self.results = results
         self.upscalers: dict[str, Upscaler] = {}
+        self.device = "cpu"
 
     def load(self, device: str) -> None:
         """Load every served model onto `device`."""
         from clarity import Upscaler
         from clarity.models.catalogue import upscaler_kwargs
 
+        self.device = device
         for model_id in self.catalogue.models:
+            started = time.monotonic()
             self.upscalers[model_id] = Upscaler.from_pretrained(
                 **upscaler_kwargs(self.catalogue, model_id), device=device,
                 max_output_pixels=self.config.max_output_pixels, speed=self.config.speed,
             )
+            metrics.record_model_load(model_id, time.monotonic() - started)
+        metrics.record_gpu_memory(device)
 
     def parse(
-        self, items: Iterable[tuple[str, Any]], request_id: str | None = None, base_url: str | None = None
+        self, items: Iterable[tuple[str, Any]], request_id: str | None = None, base_url: str | None = None,
+        received_at: float | None = None,
     ) -> wire.EditRequest:
         """Validate a form into an `EditRequest`; every mistake is an `APIError` naming its field.
 
         `base_url` is how the client reached the server (its result URLs start there, unless the
-        server has a `public_url`).
+        server has a `public_url`); `received_at` (`time.time()`) when it arrived there, for the
+        queue wait metric.
         """
+        metrics.record_queue_wait(received_at)
         try:
             edit = wire.parse_edit_form(items, self.catalogue.models, max_input_pixels=self.config.max_input_pixels)
         except ClarityError as error:
-            raise api_error(error) from None
-        check_budget(edit.image.size, edit.params, edit.n, self.config.max_denoising_mp_steps)
-        if edit.response_format == "url":
-            try:
-                self.results.check_room()  # before minutes of work whose result could not be kept
-            except StorageFull as full:
-                raise APIError(503, str(full), code="storage_full") from None
+            raise self._refused(metrics.UNKNOWN_MODEL, api_error(error)) from None
+        model = edit.model or self.catalogue.default_model
+        try:
+            check_budget(edit.image.size, edit.params, edit.n, self.config.max_denoising_mp_steps)
+            if edit.response_format == "url":
+                try:
+                    self.results.check_room()  # before minutes of work whose result could not be kept
+                except StorageFull as full:
+                    raise APIError(503, str(full), code="storage_full") from None
+        except APIError as error:
+            raise self._refused(model, error) from None
         return dataclasses.replace(edit, request_id=request_id, base_url=base_url)
+
+    @staticmethod
+    def _refused(model: str, error: APIError) -> APIError:
+        """`error`, counted as the answer to an edit of `model`."""
+        metrics.record_edit(model, error.status)
+        return error
 
     def run(self, request: wire.EditRequest, cancelled: Callable[[], bool] = _never) -> UpscaleResult:
         """Upscale `request`, checking the compute deadline and `cancelled()` after every denoising step."""
@@ -116,22 +134,37 @@ class EditHandler:
             log.progress(event.fraction)
 
         try:
-            result = self.upscalers[model].upscale(
-                request.image, request.params, num_images=request.n, mask=request.mask, progress=check
-            )
+            with metrics.running():
+                result = self.upscalers[model].upscale(
+                    request.image, request.params, num_images=request.n, mask=request.mask, progress=check
+                )
         except _Stop as stop:
             logger.warning("request %s stopped: %s", request.request_id, stop)
-            raise stop.error from None
+            if stop.error.status == CLIENT_GONE_STATUS:
+                metrics.record_cancelled("running")
+            else:
+                metrics.record_compute_timeout()
+            raise self._refused(model, stop.error) from None
         except ClarityError as error:
             logger.info("request %s refused: %s", request.request_id, error)
-            raise api_error(error) from None
+            raise self._refused(model, api_error(error)) from None
         except Exception:
             # Logged here, in the worker, with the traceback; the client only learns it failed.
             logger.exception("request %s failed", request.request_id)
-            raise APIError(500, ENGINE_FAILURE) from None
+            raise self._refused(model, APIError(500, ENGINE_FAILURE)) from None
+        finally:
+            metrics.record_gpu_memory(self.device)
         out_width, out_height = result.images[0].size
         log.finished(f"{len(result.images)} image(s) of {out_width}x{out_height}")
+        self._record_output(model, result)
         return result
+
+    @staticmethod
+    def _record_output(model: str, result: UpscaleResult) -> None:
+        stats = result.stats
+        megapixels = wire.megapixels(image.size for image in result.images)
+        metrics.record_output(model, len(result.images), megapixels, sum(p.denoising_steps for p in stats.passes),
+                              stats.seconds_by_stage.get("denoise", 0.0), len(stats.retries))
 
     def _base_url(self, request: wire.EditRequest) -> str:
         """Where the request's result URLs point: the server's `public_url`, else where its client came."""
@@ -151,11 +184,13 @@ class EditHandler:
                     name = self.results.save(encoded, request.output_format)
                 except StorageFull as full:  # filled up while this request ran: retrying would redo it all
                     logger.warning("request %s: its result could not be stored: %s", request.request_id, full)
-                    raise APIError(507, str(full), code="storage_full") from None
+                    model = request.model or self.catalogue.default_model
+                    raise self._refused(model, APIError(507, str(full), code="storage_full")) from None
                 item = {"url": result_url(self._base_url(request), name)}
             # `seed` is Clarity's addition: what to send to reproduce this variant alone.
             data.append({**item, "revised_prompt": request.params.prompt, "seed": seed})
         sizes = [image.size for image in result.images]
+        metrics.record_edit(request.model or self.catalogue.default_model, 200)
         return wire.images_response(
             data, request.output_format, sizes[0], wire.megapixels(sizes), result.stats.seconds,
             retries=result.stats.retries,

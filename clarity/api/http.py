@@ -88,9 +88,10 @@ def _first(value: str | None) -> str | None:
     return value.split(",")[0].strip() or None if value else None
 
 
-def is_open(path: str) -> bool:
-    """Whether `path` (a request path, or a route's path template) is served without the key."""
-    return path in OPEN_PATHS or any(path.startswith(entry) for entry in OPEN_PATHS if entry.endswith("/"))
+def is_open(path: str, open_paths: Collection[str] = OPEN_PATHS) -> bool:
+    """Whether `path` (a request path, or a route's path template) is served without the key: it is one
+    of `open_paths`, or lies under one that ends with "/"."""
+    return path in open_paths or any(path.startswith(entry) for entry in open_paths if entry.endswith("/"))
 
 
 def json_error(error: APIError) -> Response:
@@ -116,17 +117,20 @@ class GuardMiddleware:
 
     A plain ASGI middleware, so that it runs before any form is parsed: an oversized or slow
     upload is refused as it arrives, not after it has been buffered. The key is checked on
-    every route but `OPEN_PATHS` (`is_open`). `ready()` says whether a worker can take edits
-    yet (else 503 with Retry-After). `stopping()` says whether the server is shutting down:
-    then new edits and `/health` get a 503 `shutting_down` (so load balancers move on), while
-    result files and the other routes are still served to the clients that were given them.
+    every route but `open_paths` (default `OPEN_PATHS`; see `is_open`). `ready()` says whether
+    a worker can take edits yet (else 503 with Retry-After). `stopping()` says whether the server
+    is shutting down: then new edits and `/health` get a 503 `shutting_down` (so load balancers
+    move on), while result files and the other routes are still served to the clients that were
+    given them.
     """
 
     def __init__(
         self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, upload_timeout: float,
         ready: Callable[[], bool], stopping: Callable[[], bool] = lambda: False,
+        open_paths: Collection[str] = OPEN_PATHS,
     ) -> None:
         self.app = app
+        self.open_paths = frozenset(open_paths)
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.upload_timeout = upload_timeout
@@ -148,7 +152,7 @@ class GuardMiddleware:
         """The answer to send at once, from the path and headers alone; None to go on."""
         path = scope["path"]
         headers = {name.decode("latin-1").lower(): value for name, value in scope["headers"]}
-        if self._key and not is_open(path):
+        if self._key and not is_open(path, self.open_paths):
             rejection = self._check_key(headers.get("authorization"))
             if rejection:
                 return APIError(401, rejection, code="invalid_api_key")

@@ -14,7 +14,7 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException
 
-from clarity.api import wire
+from clarity.api import metrics, wire
 from clarity.api.errors import APIError
 from clarity.api.handler import EditHandler, client_gone
 from clarity.api.logs import configure_logging
@@ -54,12 +54,13 @@ class EditsLitAPI(ls.LitAPI):
     # `request` stays unannotated: LitServe reads the annotation as the endpoint's request type
     # (a starlette Request), and hands this method the parsed multipart form.
     def decode_request(self, request) -> wire.EditRequest:
-        request_id, base_url, items = split_tags(request.multi_items())
+        tags, items = split_tags(request.multi_items())
         try:
-            if self.cancellations.is_cancelled(request_id):
-                logger.warning("request %s skipped: its client disconnected while it was queued", request_id)
+            if self.cancellations.is_cancelled(tags.request_id):
+                logger.warning("request %s skipped: its client disconnected while it was queued", tags.request_id)
+                metrics.record_cancelled("queued")
                 raise client_gone()
-            return self.handler.parse(items, request_id, base_url)
+            return self.handler.parse(items, tags.request_id, tags.base_url, tags.received_at)
         except APIError as error:
             raise http_error(error) from None
 

@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import litserve as ls
@@ -26,6 +27,7 @@ from litserve.utils import LitAPIStatus, WorkerSetupStatus
 from python_multipart.multipart import parse_options_header
 from starlette.types import Message, Receive, Scope, Send
 
+from clarity.api import metrics
 from clarity.api.errors import APIError
 from clarity.serving.litserve.signals import install_main_handlers, stop_signals_blocked
 
@@ -203,6 +205,7 @@ class SupervisedLitServer(ls.LitServer):
                     continue
                 logger.warning("inference worker %d (pid %s) died with exit code %s; starting a new one",
                                worker_id, process.pid, process.exitcode)
+                metrics.record_worker_restart(process.pid)
                 self.inference_workers[worker_id] = self.launch_single_inference_worker(self.lit_api, worker_id)
 
     def _perform_graceful_shutdown(self, manager: Any, uvicorn_workers: dict[int, Any],
@@ -235,26 +238,45 @@ class SupervisedLitServer(ls.LitServer):
                 process.join()
 
 
-# --- the request's id and address: what a worker must know of the HTTP request a form came from ---
+# --- the request's id, address and arrival: what a worker must know of the HTTP request a form came from ---
 
 #: The form fields carrying them. They always come first, in this order (they are prepended); a
 #: client sending fields of these names gets the usual "unknown parameter" error for them.
 REQUEST_ID_FIELD = "clarity_request_id"
 BASE_URL_FIELD = "clarity_base_url"
+RECEIVED_AT_FIELD = "clarity_received_at"
+TAG_FIELDS = (REQUEST_ID_FIELD, BASE_URL_FIELD, RECEIVED_AT_FIELD)
 
 
-def split_tags(items: list[tuple[str, Any]]) -> tuple[str | None, str | None, list[tuple[str, Any]]]:
-    """The request id and base URL `tag_request` put first in a form, and the form's own fields."""
-    if len(items) >= 2 and (items[0][0], items[1][0]) == (REQUEST_ID_FIELD, BASE_URL_FIELD):
-        return items[0][1], items[1][1], items[2:]
-    return None, None, items
+@dataclass(frozen=True)
+class Tags:
+    """What `tag_request` put in front of a form: the request id, the base URL of its result URLs, and
+    when its body started to arrive (`time.time()` in the HTTP process; the queue wait starts there)."""
+
+    request_id: str | None = None
+    base_url: str | None = None
+    received_at: float | None = None
+
+
+def split_tags(items: list[tuple[str, Any]]) -> tuple[Tags, list[tuple[str, Any]]]:
+    """The tags `tag_request` put first in a form (those present, in order), and the form's own fields."""
+    values: dict[str, Any] = {}
+    for (name, value), expected in zip(items, TAG_FIELDS, strict=False):
+        if name != expected:
+            break
+        values[name] = value
+    received_at = values.get(RECEIVED_AT_FIELD)
+    tags = Tags(values.get(REQUEST_ID_FIELD), values.get(BASE_URL_FIELD),
+                float(received_at) if received_at is not None else None)
+    return tags, items[len(values):]
 
 
 @contextlib.asynccontextmanager
 async def tag_request(
     scope: Scope, receive: Receive, send: Send, base_url: str, on_disconnect: Callable[[str], None]
 ) -> AsyncIterator[tuple[str, tuple[Scope, Receive, Send]]]:
-    """A fresh request id, and (scope, receive, send) for the app with the id and `base_url` in the body.
+    """A fresh request id, and (scope, receive, send) for the app with the id, `base_url` and the time of
+    arrival in the body (`Tags`).
 
     LitServe 0.2.19 hands `decode_request` the parsed form and nothing else of the HTTP request,
     and cannot withdraw a queued request. So the id, and the base URL the client reached the
@@ -269,7 +291,8 @@ async def tag_request(
     `scope` must be a multipart/form-data request with a boundary.
     """
     request_id = f"req_{secrets.token_hex(16)}"  # OpenAI's shape; also a safe file name
-    tagged_scope, prefix = _with_form_fields(scope, {REQUEST_ID_FIELD: request_id, BASE_URL_FIELD: base_url})
+    tags = {REQUEST_ID_FIELD: request_id, BASE_URL_FIELD: base_url, RECEIVED_AT_FIELD: repr(time.time())}
+    tagged_scope, prefix = _with_form_fields(scope, tags)
     state = {"prefix_sent": False, "body_done": False, "answered": False}
     disconnected: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
     watcher: list[asyncio.Task[None]] = []

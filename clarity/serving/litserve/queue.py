@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clarity.api import wire
+from clarity.api import metrics, wire
 from clarity.api.errors import APIError
 from clarity.api.http import json_error
 from clarity.serving.litserve.patches import tag_request
@@ -59,6 +59,10 @@ class EditsInFlight:
     def count(self) -> int:
         return self.uploading + self.queued
 
+    def report(self) -> None:
+        """Hand the counts to the metrics, after each change."""
+        metrics.record_edits_held(self.queued, self.uploading)
+
 
 class QueueBound:
     """ASGI middleware for the edits route: each request tagged, at most `max_uploads` bodies read at
@@ -91,6 +95,7 @@ class QueueBound:
             return
         # Single-threaded event loop: a check and the increment after it cannot interleave.
         in_flight.uploading += 1
+        in_flight.report()
         state = {"uploading": True, "queued": False}
 
         async def counted_receive() -> Message:
@@ -98,9 +103,12 @@ class QueueBound:
             if state["uploading"] and (message["type"] != "http.request" or not message.get("more_body", False)):
                 state["uploading"] = False
                 in_flight.uploading -= 1
-                if message["type"] == "http.request":
-                    self._take_slot()
-                    state["queued"] = True
+                try:
+                    if message["type"] == "http.request":
+                        self._take_slot()
+                        state["queued"] = True
+                finally:
+                    in_flight.report()
             return message
 
         try:
@@ -117,6 +125,7 @@ class QueueBound:
             if state["queued"]:
                 in_flight.queued -= 1
             in_flight.last_answered = time.monotonic()
+            in_flight.report()
 
     def _take_slot(self) -> None:
         """Count a request whose body has arrived, or refuse it (raised into the form parser, which

@@ -6,8 +6,8 @@ Around LitServe's `/v1/images/edits` (a thin LitAPI over the API core's handler)
 what an OpenAI client and a shared server need: the API core's guard (bearer key on every route
 but the open ones: `/health`, result files, docs; body limits, a 503 while workers load), its error
 shapes and its routes (`GET /v1/models`, result files, offline `/docs` and the public API's
-`/openapi.json`); a bounded queue (429 `queue_full`); a deadline on time spent queued (504
-`queue_timeout`); crashed workers restarted with their running request answered 503 at once; and
+`/openapi.json`, Prometheus' `/metrics`); a bounded queue (429 `queue_full`); a deadline on time
+spent queued (504 `queue_timeout`); crashed workers restarted with their running request answered 503 at once; and
 on SIGINT or SIGTERM, to the main process or to all of them, a drain of the accepted work before
 exiting (signals.py, drain.py).
 """
@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
-from clarity.api import wire
+from clarity.api import metrics, wire
 from clarity.api.config import ServerConfig
 from clarity.api.docs import install_docs
 from clarity.api.errors import APIError
 from clarity.api.handler import EditHandler
 from clarity.api.http import (
+    OPEN_PATHS,
     ForwardedHeaders,
     GuardMiddleware,
     add_public_routes,
@@ -51,6 +53,7 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
 
     Raises `ParamError`/`WeightsError` when the models asked for are not there.
     """
+    metrics.use_multiprocess_dir()  # before any process is started: they inherit it
     catalogue = Catalogue.discover(config.weights, models=config.models, default_model=config.default_model)
     output_dir = config.output_dir or Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
     results = LocalResultStore(output_dir, config.result_ttl_seconds, config.max_result_bytes)
@@ -79,7 +82,8 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     patches.run_beside_litserve(server, drain.run, name="clarity-drain")
 
     app = server.app
-    # Each added middleware wraps the app so far: the guard ends up outermost, then the queue bound.
+    # Each added middleware wraps the app so far: the metrics end up outermost (they count the guard's
+    # refusals), then the guard, then the queue bound.
     forwarded = ForwardedHeaders(config.forwarded_allow_ips)
     app.add_middleware(QueueBound, max_queue=config.max_queue, max_uploads=config.max_uploads,
                        cancellations=cancellations, base_url=forwarded.base_url, in_flight=in_flight)
@@ -87,9 +91,12 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
         GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
         upload_timeout=config.upload_timeout, ready=lambda: patches.any_worker_ready(server),
         stopping=lambda: drain.stopping,
+        open_paths=OPEN_PATHS | {metrics.METRICS_PATH} if config.metrics_public else OPEN_PATHS,
     )
+    app.add_middleware(metrics.HTTPMetricsMiddleware, routes=lambda: app.router.routes)
     install_error_handlers(app, plain_errors={504: QUEUE_TIMEOUT})
     add_public_routes(app, list(catalogue.models), results)
+    metrics.add_metrics_route(app)
     install_docs(app)
     return server
 
@@ -114,5 +121,8 @@ def serve(config: ServerConfig) -> int:
         logger.warning("no API key set (--api-key or CLARITY_API_KEY): anyone who can reach the port can use it")
     # Forwarded headers are read by the API core, from the proxies config.forwarded_allow_ips names;
     # uvicorn's own reading (which trusts 127.0.0.1 by default) would rewrite the scheme under it.
-    server.run(host=config.host, port=config.port, generate_client_file=False, proxy_headers=False)
+    try:
+        server.run(host=config.host, port=config.port, generate_client_file=False, proxy_headers=False)
+    finally:
+        shutil.rmtree(metrics.use_multiprocess_dir(), ignore_errors=True)  # every process has stopped
     return 0

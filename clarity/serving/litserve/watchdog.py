@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from clarity.api import metrics
 from clarity.api.errors import APIError
 from clarity.serving.litserve.patches import TrackedBuffer
 
@@ -63,6 +64,7 @@ class RequestWatchdog:
                     self.buffer.answer(uid, APIError(
                         504, f"The request waited {waited:.0f} s for a free worker, more than this server's"
                              f" limit of {self.queue_timeout:g} s; retry later.", code="queue_timeout"))
+                    metrics.record_queue_timeout()
                     failed += 1
             elif not self.worker_ready(worker_id):
                 logger.warning("inference worker %s died while running request %s", worker_id, uid)
