@@ -1,5 +1,5 @@
-"""`clarity weights list | download | tiny`: what is installed, fetching the recommended set, and
-writing the tiny test model."""
+"""`clarity weights list | download | tiny | random-sd15`: what is installed, fetching the recommended
+set, and writing the tiny test model or the full-size random benchmark model."""
 
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                            " SD checkpoint, ControlNet and VAE files (.safetensors, .ckpt, .pth); extras: a"
                            " LoRA, an embedding, an ESRGAN pre-upscaler and a safety checker; all: everything.")
     tiny.set_defaults(run=run_tiny)
+    random_sd15 = weights_commands.add_parser(
+        "random-sd15",
+        help="Write a full-size SD1.5 + ControlNet-tile with random weights (~5.5 GB; real speed, no meaningful"
+             " output; for benchmarks).",
+    )
+    random_sd15.add_argument("folder", type=Path, help="Where to write it, e.g. weights/random-sd15.")
+    random_sd15.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default 0).")
+    random_sd15.set_defaults(run=run_random_sd15)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -84,6 +92,14 @@ def run_tiny(args: argparse.Namespace) -> int:
 
     save_tiny_weights(args.folder, formats=FORMATS if args.format == "all" else (args.format,))
     print(f"wrote the tiny test model ({args.format}) to {args.folder}")
+    return 0
+
+
+def run_random_sd15(args: argparse.Namespace) -> int:
+    from clarity.testing.random_sd15 import save_random_sd15
+
+    save_random_sd15(args.folder, seed=args.seed)
+    print(f"wrote the full-size random model to {args.folder} (for benchmarks: its outputs have no meaningful detail)")
     return 0
 
 

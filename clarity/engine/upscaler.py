@@ -54,6 +54,9 @@ MAX_PASS_FACTOR = 2.0
 #: Logged, with the model's name, whenever an `Upscaler` is made for the tiny test model (see
 #: clarity/testing/tiny.py), so that nobody mistakes its outputs for what a real model gives.
 TINY_MODEL_WARNING = "model %s is the tiny test model: its outputs have no meaningful detail"
+#: Logged likewise for the full-size random model (see clarity/testing/random_sd15.py): it has real
+#: SD1.5 sizes and speed, so it serves benchmarks, but its weights are random.
+RANDOM_MODEL_WARNING = "model %s is a full-size random model: its outputs have no meaningful detail (for benchmarks)"
 
 
 def plan_passes(scale_factor: float) -> list[float]:
@@ -99,6 +102,7 @@ class Upscaler:
         pipeline: TiledUpscalePipeline,
         name: str = "clarity-upscaler",
         tiny_model: bool = False,
+        random_model: bool = False,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
         upscalers_dir: Path | None = None,
         safety_checker_dir: Path | None = None,
@@ -109,6 +113,8 @@ class Upscaler:
         self.tiny_model = tiny_model
         if tiny_model:
             logger.warning(TINY_MODEL_WARNING, name)
+        if random_model:
+            logger.warning(RANDOM_MODEL_WARNING, name)
         self.max_output_pixels = max_output_pixels
         #: `params.upscaler` names: lanczos, or model files in `upscalers_dir` (loaded on first use).
         self.pre_upscalers = PreUpscalerRegistry(upscalers_dir, device=pipeline.device)
@@ -157,7 +163,8 @@ class Upscaler:
         )
         acceleration = apply_speed_options(pipeline, speed, device)
         return cls(
-            pipeline, name=name, tiny_model=parts.is_tiny, max_output_pixels=max_output_pixels,
+            pipeline, name=name, tiny_model=parts.is_tiny, random_model=parts.is_random,
+            max_output_pixels=max_output_pixels,
             upscalers_dir=Path(upscalers_dir) if upscalers_dir is not None else None,
             safety_checker_dir=Path(safety_checker_dir) if safety_checker_dir is not None else None,
             acceleration=acceleration,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clarity.errors import ParamError, WeightsError
-from clarity.models.tiny_marker import TINY_MARKER
+from clarity.models.markers import RANDOM_MARKER, TINY_MARKER
 
 # clarity.models.loading imports torch, which takes seconds: it is imported where used, so that
 # `clarity weights download` can fail offline at once and `--help` stays fast.
@@ -129,6 +129,10 @@ class Catalogue:
     def is_tiny(self, model_id: str) -> bool:
         """Whether `model_id` is the tiny test model (whose output has no meaningful detail)."""
         return (self.models[model_id].base / TINY_MARKER).exists()
+
+    def is_random(self, model_id: str) -> bool:
+        """Whether `model_id` is the full-size random model (real sizes and speed, no meaningful output)."""
+        return (self.models[model_id].base / RANDOM_MARKER).exists()
 
 
 def upscaler_kwargs(catalogue: Catalogue, model_id: str) -> dict[str, Any]:

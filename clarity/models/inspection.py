@@ -50,7 +50,7 @@ class WeightsEntry:
     size_bytes: int
     #: None when usable; else what is wrong and, where possible, what to do.
     problem: str | None = None
-    #: Extra facts: "default", "tiny test model", "not inspected (pickle file)".
+    #: Extra facts: "default", "tiny test model", "full-size random model", "not inspected (pickle file)".
     notes: tuple[str, ...] = ()
 
     @property
@@ -93,6 +93,8 @@ def _inspect_model(catalogue: Catalogue, model_id: str, load: bool) -> WeightsEn
     notes = ("default",) if model_id == catalogue.default_model else ()
     if catalogue.is_tiny(model_id):
         notes += ("tiny test model",)
+    if catalogue.is_random(model_id):
+        notes += ("full-size random model",)
     problem = _model_problem(source)
     if problem is None and load:
         try:

@@ -22,7 +22,7 @@ import torch
 
 from clarity.errors import WeightsError
 from clarity.models import single_file, single_file_components
-from clarity.models.tiny_marker import TINY_MARKER
+from clarity.models.markers import RANDOM_MARKER, TINY_MARKER
 
 #: Subfolders a diffusers model folder must have, and what goes in each.
 REQUIRED_PARTS: dict[str, str] = {
@@ -83,6 +83,8 @@ class ModelComponents:
     #: The base checkpoint (folder or file).
     source: Path
     is_tiny: bool
+    #: Whether it is the full-size random model (`clarity.testing.random_sd15`): real sizes, meaningless output.
+    is_random: bool = False
 
 
 def default_device() -> torch.device:
@@ -180,6 +182,7 @@ def load_components(
         scheduler_config=base.scheduler_config,
         source=source.base,
         is_tiny=base.is_tiny,
+        is_random=base.is_random,
     )
 
 
@@ -192,6 +195,7 @@ class _BaseParts:
     tokenizer: object
     scheduler_config: dict
     is_tiny: bool
+    is_random: bool
     #: The VAE of a single-file base without a VAE override; None when the VAE comes from its own folder or file.
     vae: torch.nn.Module | None = None
 
@@ -212,6 +216,7 @@ def _load_single_file_base(source: ModelSource, dtype: torch.dtype) -> _BasePart
         tokenizer=tokenizer,
         scheduler_config=single_file_components.scheduler_config(),
         is_tiny=TINY_MARKER in checkpoint.metadata,
+        is_random=RANDOM_MARKER in checkpoint.metadata,
         vae=single_file_components.load_vae(checkpoint) if source.vae is None else None,
     )
 
@@ -240,6 +245,7 @@ def _load_folder_base(base: Path, dtype: torch.dtype) -> _BaseParts:
             "scheduler", base / "scheduler", lambda p: dict(DDIMScheduler.load_config(p, local_files_only=True))
         ),
         is_tiny=(base / TINY_MARKER).exists(),
+        is_random=(base / RANDOM_MARKER).exists(),
     )
 
 

@@ -7,5 +7,5 @@ pre-upscaler and a safety checker (`fixtures`), the diffusers → original-name 
 single-file formats need (`ldm_writer`), and the training of its VAE (`train_tiny_vae`).
 
 It sits above the engine and the loaders: it uses them, and they never import it. They only
-recognise the tiny model, by `clarity.models.tiny_marker.TINY_MARKER`.
+recognise the tiny model, by `clarity.models.markers.TINY_MARKER`.
 """

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from clarity.models.clip_tokenizers import byte_level_tokenizer
+from clarity.models.markers import TINY_MARKER
 from clarity.models.single_file import SCALING_FACTOR_KEY, VAE_PREFIX
-from clarity.models.tiny_marker import TINY_MARKER
 from clarity.testing.adapters import save_tiny_embedding, save_tiny_lora
 from clarity.testing.fixtures import save_tiny_esrgan, save_tiny_safety_checker
 from clarity.testing.ldm_writer import controlnet_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
