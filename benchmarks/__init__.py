@@ -1,1 +1,2 @@
-"""Benchmarks: `python -m benchmarks [--quick] [--only NAME ...]`; results in benchmarks/results/."""
+"""Benchmarks: `python -m benchmarks [--quick] [--only NAME ...] [--model random-sd15|tiny]`; results in
+benchmarks/results/latest/ (see `__main__`)."""

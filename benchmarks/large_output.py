@@ -40,6 +40,6 @@ def chart(result: dict[str, Any], path) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.bar([f"{row['megapixels']:g} MP" for row in done], [row["peak_rss_mb"] / 1024 for row in done])
     axis.set_ylabel("peak RSS (GiB)")
-    axis.set_title("Peak memory, denoiser forwards stubbed (tiny model, CPU)")
+    axis.set_title(f"Peak memory, denoiser forwards stubbed ({result['meta']['model']} model, CPU)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

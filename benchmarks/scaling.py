@@ -153,6 +153,6 @@ def chart(result: dict[str, Any], path) -> None:
         axis.legend()
     time_axis.set_ylabel("seconds per output MP")
     memory_axis.set_ylabel("peak RSS (GB)")
-    figure.suptitle("Scaling (tiny model, CPU; stopped jobs not drawn)")
+    figure.suptitle(f"Scaling ({result['meta']['model']} model, CPU; stopped jobs not drawn)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

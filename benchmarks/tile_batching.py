@@ -47,6 +47,6 @@ def chart(result: dict[str, Any], path) -> None:
     axis.bar([str(r["tile_batch_size"]) for r in rows], [r["speedup_vs_batch_1"] for r in rows])
     axis.set_xlabel("tile batch size")
     axis.set_ylabel("throughput vs batch size 1")
-    axis.set_title(f"Tile batching ({result['device']}, tiny model)")
+    axis.set_title(f"Tile batching ({result['device']}, {result['meta']['model']} model)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

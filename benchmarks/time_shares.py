@@ -103,6 +103,6 @@ def chart(result: dict[str, Any], path) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.barh(labels, [v / row["wall_seconds"] * 100 for v in values])
     axis.set_xlabel("% of wall time")
-    axis.set_title(f"Where the time goes ({row['side']}x{row['side']} output, tiny model)")
+    axis.set_title(f"Where the time goes ({row['side']}x{row['side']} output, {result['meta']['model']} model)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
