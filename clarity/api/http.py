@@ -112,6 +112,11 @@ def multipart_boundary(content_type: bytes) -> bytes | None:
     return boundary
 
 
+def body_ended(message: Message) -> bool:
+    """Whether `message`, from an ASGI `receive`, is the last of the request's body (or a disconnect)."""
+    return message["type"] != "http.request" or not message.get("more_body", False)
+
+
 class GuardMiddleware:
     """Auth, body size and upload time limits, readiness and content type, checked before any route.
 
@@ -141,15 +146,16 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = self._refusal(scope)
+        boundary = multipart_boundary(dict(scope["headers"]).get(b"content-type", b""))
+        refusal = self._refusal(scope, boundary)
         if refusal is not None:
             await json_error(refusal)(scope, receive, send)
             return
-        boundary = multipart_boundary(dict(scope["headers"]).get(b"content-type", b""))
         await self.app(scope, self._limited(receive, boundary), send)
 
-    def _refusal(self, scope: Scope) -> APIError | None:
-        """The answer to send at once, from the path and headers alone; None to go on."""
+    def _refusal(self, scope: Scope, boundary: bytes | None) -> APIError | None:
+        """The answer to send at once, from the path and headers alone (`boundary`: the multipart
+        body's, None if it is not one); None to go on."""
         path = scope["path"]
         headers = {name.decode("latin-1").lower(): value for name, value in scope["headers"]}
         if self._key and not is_open(path, self.open_paths):
@@ -165,7 +171,7 @@ class GuardMiddleware:
             return None
         if not self.ready():
             return APIError(503, "The model is still loading; retry shortly.")
-        if multipart_boundary(headers.get("content-type", b"")) is None:
+        if boundary is None:
             # A JSON body cannot carry the image file, and neither can a urlencoded form.
             message = "Send the request body as multipart/form-data with a valid boundary, and the image as a file,"
             return APIError(400, message + " as the OpenAI SDKs do.", code="invalid_content_type")
@@ -190,7 +196,7 @@ class GuardMiddleware:
             except TimeoutError:
                 message = f"The request body did not arrive within {self.upload_timeout:g} s."
                 raise HTTPException(408, detail=error_body(408, message, code="upload_timeout")) from None
-            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            body_done = body_ended(message)
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.max_body_bytes:

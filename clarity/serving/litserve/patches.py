@@ -24,11 +24,11 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException
 from litserve.utils import LitAPIStatus, WorkerSetupStatus
-from python_multipart.multipart import parse_options_header
 from starlette.types import Message, Receive, Scope, Send
 
 from clarity.api import metrics
 from clarity.api.errors import APIError
+from clarity.api.http import multipart_boundary
 from clarity.serving.litserve.signals import install_main_handlers, stop_signals_blocked
 
 logger = logging.getLogger(__name__)
@@ -332,9 +332,9 @@ async def tag_request(
 
 def _with_form_fields(scope: Scope, fields: dict[str, str]) -> tuple[Scope, bytes]:
     """`scope` with its Content-Length grown by the multipart parts that send `fields` first, and those parts."""
-    _, options = parse_options_header(dict(scope["headers"]).get(b"content-type", b""))
+    boundary = multipart_boundary(dict(scope["headers"]).get(b"content-type", b""))
     part = b"".join(
-        b"--" + options[b"boundary"] + b"\r\n"
+        b"--" + boundary + b"\r\n"
         + f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
         for name, value in fields.items()
     )

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clarity.api import metrics, wire
 from clarity.api.errors import APIError
-from clarity.api.http import json_error
+from clarity.api.http import body_ended, json_error
 from clarity.serving.litserve.patches import tag_request
 
 #: Seconds a client is told to wait before retrying a full queue.
@@ -100,7 +100,7 @@ class QueueBound:
 
         async def counted_receive() -> Message:
             message = await receive()
-            if state["uploading"] and (message["type"] != "http.request" or not message.get("more_body", False)):
+            if state["uploading"] and body_ended(message):
                 state["uploading"] = False
                 in_flight.uploading -= 1
                 try:
