@@ -98,7 +98,7 @@ class EditHandler:
             edit = wire.parse_edit_form(items, self.catalogue.models, max_input_pixels=self.config.max_input_pixels)
         except ClarityError as error:
             raise self._refused(metrics.UNKNOWN_MODEL, api_error(error)) from None
-        model = edit.model or self.catalogue.default_model
+        model = self._model_of(edit)
         try:
             check_budget(edit.image.size, edit.params, edit.n, self.config.max_denoising_mp_steps)
             if edit.response_format == "url":
@@ -110,6 +110,10 @@ class EditHandler:
             raise self._refused(model, error) from None
         return dataclasses.replace(edit, request_id=request_id, base_url=base_url)
 
+    def _model_of(self, request: wire.EditRequest) -> str:
+        """The served model that answers `request`: the one it names, else the default."""
+        return request.model or self.catalogue.default_model
+
     @staticmethod
     def _refused(model: str, error: APIError) -> APIError:
         """`error`, counted as the answer to an edit of `model`."""
@@ -119,7 +123,7 @@ class EditHandler:
     def run(self, request: wire.EditRequest, cancelled: Callable[[], bool] = _never) -> UpscaleResult:
         """Upscale `request`, checking the compute deadline and `cancelled()` after every denoising step."""
         started = time.monotonic()
-        model = request.model or self.catalogue.default_model
+        model = self._model_of(request)
         log = RequestLog(logger, request.request_id, self.config.progress_log_seconds)
         width, height = request.image.size
         log.started_work(f"model {model}, {width}x{height} at scale {request.params.scale_factor:g}, n={request.n}")
@@ -184,13 +188,13 @@ class EditHandler:
                     name = self.results.save(encoded, request.output_format)
                 except StorageFull as full:  # filled up while this request ran: retrying would redo it all
                     logger.warning("request %s: its result could not be stored: %s", request.request_id, full)
-                    model = request.model or self.catalogue.default_model
-                    raise self._refused(model, APIError(507, str(full), code="storage_full")) from None
+                    error = APIError(507, str(full), code="storage_full")
+                    raise self._refused(self._model_of(request), error) from None
                 item = {"url": result_url(self._base_url(request), name)}
             # `seed` is Clarity's addition: what to send to reproduce this variant alone.
             data.append({**item, "revised_prompt": request.params.prompt, "seed": seed})
         sizes = [image.size for image in result.images]
-        metrics.record_edit(request.model or self.catalogue.default_model, 200)
+        metrics.record_edit(self._model_of(request), 200)
         return wire.images_response(
             data, request.output_format, sizes[0], wire.megapixels(sizes), result.stats.seconds,
             retries=result.stats.retries,

@@ -12,7 +12,6 @@ file's modification time is its age.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
@@ -86,7 +85,6 @@ class LocalResultStore:
         if extension not in OUTPUT_FORMATS:
             raise ValueError(f"unsupported extension {extension!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.purge_expired()
         self._check_room(len(data))
         name = f"{secrets.token_urlsafe(32)}.{extension}"
         # Written to a temporary name in the same folder and renamed, so a reader never sees
@@ -102,26 +100,18 @@ class LocalResultStore:
         return name
 
     def check_room(self) -> None:
-        self.purge_expired()
         self._check_room(0)
 
     def _check_room(self, size: int) -> None:
-        """`StorageFull` unless `size` more bytes fit; with 0, unless the store is below its quota."""
-        used = self.used_bytes()
+        """Delete expired results, then `StorageFull` unless `size` more bytes fit; with 0, unless the
+        store is below its quota."""
+        _, used = self._purge()
         if used + size > self.max_bytes or used >= self.max_bytes:
             raise StorageFull(
                 f"The server's storage for url-mode results is full ({used / 1e6:.0f} of {self.max_bytes / 1e6:.0f}"
                 f" MB) until older results expire (after {self.ttl_seconds:g} s); retry later, or ask for"
                 " response_format=b64_json."
             )
-
-    def used_bytes(self) -> int:
-        """Bytes taken by stored results and writes in progress."""
-        total = 0
-        for path in self._own_files():
-            with contextlib.suppress(FileNotFoundError):  # removed by another process meanwhile
-                total += path.stat().st_size
-        return total
 
     def find(self, name: str) -> Path | None:
         """The path of a stored, unexpired result, or None: also for names that are not tokens, and
@@ -145,16 +135,24 @@ class LocalResultStore:
 
         Only files this store names are touched, so sharing the folder with anything else is safe.
         """
-        removed = 0
+        removed, _ = self._purge()
+        return removed
+
+    def _purge(self) -> tuple[int, int]:
+        """Delete expired files; return how many, and the bytes the others take (one pass over the folder)."""
+        removed = kept = 0
         cutoff = time.time() - self.ttl_seconds
         for path in self._own_files():
             try:
-                if path.lstat().st_mtime < cutoff:
+                status = path.lstat()
+                if status.st_mtime < cutoff:
                     path.unlink(missing_ok=True)
                     removed += 1
+                else:
+                    kept += status.st_size
             except FileNotFoundError:
-                continue  # another worker removed it first
-        return removed
+                continue  # another process removed it first
+        return removed, kept
 
     def _own_files(self) -> list[Path]:
         if not self.folder.is_dir():
