@@ -8,8 +8,6 @@ would cut the work most.
 
 from __future__ import annotations
 
-import dataclasses
-
 from clarity import UpscaleParams, denoising_work
 from clarity.api.errors import APIError, invalid
 
@@ -36,7 +34,7 @@ def check_budget(image_size: tuple[int, int], params: UpscaleParams, n: int, lim
 
 def _work_with(image_size: tuple[int, int], params: UpscaleParams, n: int, name: str, value: object) -> float:
     try:
-        changed = dataclasses.replace(params, **{name: value})
+        changed = params.replace(**{name: value})
     except ValueError:  # e.g. the default tile size with this request's overlap: not a way out
         return float("inf")
     return denoising_work(image_size, changed, n).megapixel_steps

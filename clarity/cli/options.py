@@ -76,15 +76,13 @@ def add_option_flags(
         )
 
 
-def options_from_args(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
-    """An instance of the option dataclass `cls` from parsed flags (and `given` values)."""
+def options_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """An instance of the option dataclass `cls` from parsed flags."""
     hints = get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         value_type = _value_type(hints[f.name])
-        if f.name in given:
-            values[f.name] = given[f.name]
-        elif dataclasses.is_dataclass(value_type):
+        if dataclasses.is_dataclass(value_type):
             values[f.name] = options_from_args(value_type, args)
         elif hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
