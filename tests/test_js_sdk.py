@@ -101,7 +101,7 @@ def test_every_sdk_size_fits_a_non_square_photo(server, image_path, size):
 
 def test_curl_with_a_size_box(server, image_path):
     if shutil.which("curl") is None:
-        pytest.fail("curl is not installed (the README's examples use it; .ci/run installs it)")
+        pytest.fail("curl is not installed: the README's examples use it (apt-get install curl)")
     command = ["curl", "-sS", f"{server.url}/v1/images/edits", "-H", f"Authorization: Bearer {KEY}",
                "-F", "model=clarity-upscaler", "-F", f"image=@{image_path}", "-F", "prompt=a photo",
                "-F", "size=1024x1024", "-F", "response_format=b64_json", "-F", "num_inference_steps=1"]
