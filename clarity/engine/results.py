@@ -26,7 +26,7 @@ class ProgressEvent:
     @property
     def fraction(self) -> float:
         """Share of all denoising work done, 0..1 (passes counted as equal shares)."""
-        within_pass = self.step / self.steps if self.steps else 1.0
+        within_pass = self.step / self.steps if self.steps else 0.0  # step 0 of 0: the pass is starting
         done_passes = self.variant * self.passes + self.pass_index + within_pass
         return done_passes / (self.variants * self.passes)
 
