@@ -66,6 +66,8 @@ SPECS = (
     MetricSpec("clarity_uploads_in_progress", "gauge", "Edit request bodies still arriving.", mode="livesum"),
     MetricSpec("clarity_queue_timeouts_total", "counter", "Edit requests answered 504 queue_timeout after waiting"
                " for a free worker."),
+    MetricSpec("clarity_jobs", "gauge", "Jobs kept in the job store, by status (streamed edits included).",
+               ("status",), mode="livemostrecent"),
     # The inference workers.
     MetricSpec("clarity_edits_total", "counter", "Edit requests a worker answered, by model (unknown: refused"
                " before the model was settled) and status code.", ("model", "status")),
@@ -173,6 +175,12 @@ def record_edits_held(held: int, uploading: int) -> None:
 
 def record_queue_timeout() -> None:
     _inc("clarity_queue_timeouts_total")
+
+
+def record_jobs(counts: dict[str, int]) -> None:
+    """The jobs in the store now, by status (every status, 0 included)."""
+    for status, count in counts.items():
+        _set("clarity_jobs", count, status=status)
 
 
 # --- events of an inference worker ----------------------------------------------------------------------
