@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, make_test_image
 from diffusers import DPMSolverMultistepScheduler
 
 from clarity.engine.preview import latents_to_rgb, preview_image, preview_size
@@ -94,3 +95,41 @@ def test_no_estimate_where_the_formula_does_not_hold(upscaler):
     sample, noise = torch.randn(2, 1, 4, 8, 8)
     output = scheduler.step(noise, scheduler.timesteps[0], sample)
     assert denoised_estimate(scheduler, output, noise, sample) is None
+
+
+# --- through Upscaler.upscale on the tiny model ---------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["DPM++ 3M SDE Karras", "Euler"])  # computed here; given by diffusers
+def test_every_step_offers_an_rgb_preview_a_quarter_of_its_pass(upscaler, scheduler):
+    seen = []
+
+    def look(event):
+        preview = event.preview() if event.preview is not None else None
+        seen.append((event.pass_index, event.step, preview and (preview.mode, preview.size)))
+
+    upscaler.upscale(make_test_image(40, 32), scale_factor=4, scheduler=scheduler, progress=look, **FAST)
+    # Passes of 80x64 and 160x128; None at the start of each pass.
+    assert seen == [(0, 0, None), (0, 1, ("RGB", (20, 16))), (0, 2, ("RGB", (20, 16))),
+                    (1, 0, None), (1, 1, ("RGB", (40, 32)))]
+
+
+def test_looking_at_previews_changes_nothing_and_looking_twice_sees_the_same(upscaler, image):
+    twice = []
+
+    def look_twice(event):
+        if event.preview is not None:
+            twice.append((np.asarray(event.preview()), np.asarray(event.preview())))
+
+    looked = upscaler.upscale(image, seed=5, progress=look_twice, **FAST).image
+    not_looked = upscaler.upscale(image, seed=5, progress=lambda event: None, **FAST).image
+    assert looked.tobytes() == not_looked.tobytes()
+    assert len(twice) == 2 and all(np.array_equal(first, second) for first, second in twice)
+    assert not np.array_equal(twice[0][0], twice[1][0])  # each step shows its own estimate
+
+
+def test_a_preview_kept_past_its_callback_raises(upscaler, image):
+    kept = []
+    upscaler.upscale(image, progress=kept.append, **FAST)
+    with pytest.raises(RuntimeError, match="inside the callback"):
+        kept[-1].preview()
