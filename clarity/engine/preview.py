@@ -9,8 +9,17 @@ resolution before the resize; fine detail and exact tones are the VAE's work and
 
 What it costs, when called: the estimate itself where the scheduler does not return it (DPM-Solver++:
 one multiply-add over the latent), a 4 x 3 product per latent pixel, a copy of 3 bytes per latent
-pixel to the CPU and one PIL resize. Uncalled: one small object per step that refers to tensors
-the step made anyway, dropped when the progress callback returns.
+pixel to the CPU (on a GPU, that waits for the step's kernels to finish) and one PIL resize.
+Uncalled: one small object per step that refers to tensors the step made anyway, dropped when the
+progress callback returns. Measured on one thread of a shared 2-core CPU (`python -m benchmarks
+--model tiny --only preview`, and `benchmarks.preview.in_upscale` at other sizes):
+
+- a 4x128x128 latent alone (a 1024x1024 pass): 0.65 ms (the map 0.23 ms, the resize 0.35 ms,
+  DPM-Solver++'s estimate 0.04 ms); uncalled, 2.3 us per step;
+- in upscales on the tiny test model: 0.47 ms against 27 ms for one denoising step at an 80x80
+  output (the tests' size: 1.7 % of a step), 0.76 ms against 0.97 s at 512x512, 1.8 ms against
+  7.8 s at 1024x1024. The preview's work does not depend on the model: with SD1.5's full-size
+  UNet and ControlNet a step only costs more.
 """
 
 from __future__ import annotations
