@@ -14,8 +14,8 @@ Uncalled: one small object per step that refers to tensors the step made anyway,
 progress callback returns. Measured on one thread of a shared 2-core CPU (`python -m benchmarks
 --model tiny --only preview`, and `benchmarks.preview.in_upscale` at other sizes):
 
-- a 4x128x128 latent alone (a 1024x1024 pass): 0.65 ms (the map 0.23 ms, the resize 0.35 ms,
-  DPM-Solver++'s estimate 0.04 ms); uncalled, 2.3 us per step;
+- a 4x128x128 latent alone (a 1024x1024 pass): 0.62-0.67 ms in three runs (the map 0.23 ms, the
+  resize 0.35 ms, DPM-Solver++'s estimate 0.04 ms); uncalled, 2.3 us per step;
 - in upscales on the tiny test model: 0.47 ms against 27 ms for one denoising step at an 80x80
   output (the tests' size: 1.7 % of a step), 0.76 ms against 0.97 s at 512x512, 1.8 ms against
   7.8 s at 1024x1024. The preview's work does not depend on the model: with SD1.5's full-size
