@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import time
@@ -169,6 +170,35 @@ def test_a_running_job_cannot_be_deleted_and_a_full_store_is_a_429_naming_the_li
     for job in jobs:
         wait_for(http, job["id"], seconds=30)
         http.delete(f"/v1/jobs/{job['id']}", headers=AUTH)
+
+
+# --- webhooks, end to end ----------------------------------------------------------------------------
+
+
+def test_a_job_sends_its_webhooks_signed_to_a_loopback_receiver(tiny_weights, tmp_path):
+    from standardwebhooks import Webhook
+    from test_webhooks import Receiver, new_secret
+
+    secret = new_secret()
+    receiver = Receiver([200])
+    options = {"webhook_secret": (secret,), "webhook_allow": ("127.0.0.1/32",)}
+    with running_server(tiny_weights, tmp_path, api_key=KEY, **options) as http:
+        refused = submit(http, webhook_url="http://10.1.2.3/hook")  # not on the allow-list
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
+        job = submit(http, png(64, 64), webhook_url=receiver.url, webhook_events="started,progress,completed",
+                     num_inference_steps="40", creativity="1.0").json()
+        assert job["webhook"] == {"url": receiver.url, "events": ["started", "progress", "completed"]}
+        finished = wait_for(http, job["id"])
+        deadline = time.monotonic() + 30
+        while not any(json.loads(body)["type"] == "job.completed" for _, _, body in receiver.received):
+            assert time.monotonic() < deadline, "no job.completed webhook arrived"
+            time.sleep(0.1)
+    deliveries = [Webhook(secret).verify(body, headers) for _, headers, body in receiver.received]  # raises if forged
+    types = [delivery["type"] for delivery in deliveries]
+    assert types[0] == "job.started" and types[-1] == "job.completed" and "job.progress" in types
+    assert deliveries[-1]["data"]["id"] == job["id"] and deliveries[-1]["data"]["status"] == "succeeded"
+    assert deliveries[-1]["data"]["result"] == finished["result"]
+    assert len(set(receiver.ids())) == len(receiver.ids())  # one id per event
 
 
 # --- nothing lost: SIGKILL and start again ----------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from clarity import SpeedOptions
 from clarity.api.logs import DEFAULT_PROGRESS_SECONDS, LOG_LEVELS
+from clarity.api.webhooks import MIN_SECRET_BYTES, AllowList, is_signing_secret
 from clarity.errors import ParamError, echo
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.options import option
@@ -150,6 +151,22 @@ class ServerConfig:
     progress_log_seconds: float = option(
         DEFAULT_PROGRESS_SECONDS, "Seconds between progress lines of a running request.", min=0
     )
+    webhook_secret: tuple[str, ...] = option(
+        (), "Secrets that sign job webhooks, Standard Webhooks' whsec_<base64> (24 bytes or more), comma-separated;"
+        " each one signs every delivery, so a new secret can be added before the old one is removed (without one,"
+        " jobs naming a webhook_url are refused)",
+        env="CLARITY_WEBHOOK_SECRET", metavar="WHSEC,WHSEC", parse=comma_list,
+    )
+    webhook_allow: tuple[str, ...] = option(
+        (), "Where job webhooks may go: host names, addresses or networks (CIDR), comma-separated; a name that is"
+        " not listed is allowed if it resolves only to addresses in listed networks (without any, jobs naming a"
+        " webhook_url are refused)",
+        metavar="HOST,NET", parse=comma_list,
+    )
+    webhook_retry_seconds: float = option(
+        3600.0, "Seconds a webhook delivery is retried (waits from 1 s doubling to 5 minutes) before it is given up"
+        " and logged.", min=0,
+    )
     speed: SpeedOptions = option(default_factory=SpeedOptions, help="speed (see README, GPU)")
 
     def __post_init__(self) -> None:
@@ -163,6 +180,14 @@ class ServerConfig:
         for entry in self.forwarded_allow_ips:
             if entry != "*" and not _is_network(entry):
                 raise ParamError("forwarded_allow_ips", f"expected addresses, networks or *; got {echo(entry)}")
+        try:
+            AllowList.parse(self.webhook_allow)
+        except ValueError as error:
+            raise ParamError("webhook_allow", str(error)) from None
+        for number, secret in enumerate(self.webhook_secret, start=1):
+            if not is_signing_secret(secret):  # not echoed: it is a secret
+                raise ParamError("webhook_secret", f"secret {number} is not whsec_ followed by the base64 of at least"
+                                 f" {MIN_SECRET_BYTES} bytes (README, Webhooks, says how to make one)")
 
     @property
     def base_url(self) -> str:

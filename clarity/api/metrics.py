@@ -96,6 +96,10 @@ SPECS = (
                mode="livemax"),
     # The runtime's supervisor.
     MetricSpec("clarity_worker_restarts_total", "counter", "Inference workers that died and were started again."),
+    # Job webhooks, sent by the HTTP process.
+    MetricSpec("clarity_webhook_deliveries_total", "counter", "Job webhook deliveries ended, by outcome: delivered,"
+               " gone (410), refused (host off the allow-list), gave_up (retried for --webhook-retry-seconds),"
+               " dropped (too many pending, or shutting down), cancelled (at shutdown).", ("outcome",)),
 )
 #: Every metric name the server exports (the Grafana dashboard's test checks its queries against these).
 METRIC_NAMES = frozenset(spec.name for spec in SPECS)
@@ -255,6 +259,14 @@ def record_worker_restart(dead_pid: int | None) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(dead_pid)
+
+
+# --- events of the webhook sender (HTTP process) -------------------------------------------------------
+
+
+def record_webhook_delivery(outcome: str) -> None:
+    """A webhook delivery ended: `outcome` is one of the few words `clarity_webhook_deliveries_total` lists."""
+    _inc("clarity_webhook_deliveries_total", outcome=outcome)
 
 
 # --- the HTTP side: the route and the middleware ---------------------------------------------------------

@@ -21,11 +21,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 from clarity.api import metrics
 from clarity.api.errors import error_body
 from clarity.api.jobs import Job, JobInput, JobStore, cancelled_error
+from clarity.api.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,6 @@ MAX_WORKER_DEATHS = 3
 BUSY_BACKOFF_SECONDS = 2.0
 #: Answers that mean "not now" rather than "this job is wrong": the job waits its turn again.
 _RETRYABLE = {408, 429, 503}
-
-
-class WebhookSender(Protocol):
-    """What the runner needs of webhooks (webhooks.py): fire and forget, never blocking."""
-
-    def send(self, url: str, event_type: str, data: dict[str, Any], message_id: str | None = None) -> None: ...
 
 
 class JobRunner:
@@ -159,5 +154,6 @@ class JobRunner:
     def _notify(self, job: Job, event: str) -> None:
         if self.webhooks is None or not job.webhook_url or event not in job.webhook_events:
             return
-        message_id = f"{job.id}_{event}_{job.attempts}_{int(job.progress * 100)}"
-        self.webhooks.send(job.webhook_url, f"job.{event}", job.to_dict(), message_id=message_id)
+        # The same event of the same run keeps its id, so a receiver can drop repeats by it.
+        message_id = f"{job.id}.{event}.{job.attempts}.{int(job.progress * 100)}"
+        self.webhooks.send(job.webhook_url, event, job.to_dict(), message_id=message_id)

@@ -18,6 +18,7 @@ from starlette.types import Scope
 from clarity.api.errors import APIError, invalid
 from clarity.api.handler import EditHandler
 from clarity.api.jobs import IdempotencyConflict, Job, JobKind, JobsFull, JobStore, NewJob
+from clarity.api.webhooks import WebhookSender
 from clarity.errors import ParamError
 
 #: A job's own form fields (the rest is the edit it runs).
@@ -29,29 +30,22 @@ STREAM_FIELDS = ("stream", "partial_images")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 #: Longest idempotency key accepted (Stripe's limit).
 MAX_IDEMPOTENCY_KEY = 255
-#: `check_webhook(url, events) -> (url, events)`: the job's webhook, validated (`ParamError` naming the field).
-WebhookCheck = Callable[[str, str | None], tuple[str, tuple[str, ...]]]
-
-
-def no_webhooks(url: str, events: str | None) -> tuple[str, tuple[str, ...]]:
-    """The webhook check of a server that sends none."""
-    raise ParamError(WEBHOOK_URL_FIELD, "this server sends no webhooks (start it with --webhook-secret and"
-                     " --webhook-allow); poll GET /v1/jobs/{id} instead")
 
 
 class JobSubmitter:
     """Stores forms as jobs of `store` after `handler` accepted them as edits; `wake()` tells the runner.
 
-    `base_url(scope)` is how the client reached the server (its url-mode results point there).
+    `base_url(scope)` is how the client reached the server (its url-mode results point there);
+    `webhooks` checks a job's webhook fields (and refuses them if the server sends none).
     """
 
     def __init__(self, handler: EditHandler, store: JobStore, wake: Callable[[], None],
-                 base_url: Callable[[Scope], str], check_webhook: WebhookCheck = no_webhooks) -> None:
+                 base_url: Callable[[Scope], str], webhooks: WebhookSender) -> None:
         self.handler = handler
         self.store = store
         self.wake = wake
         self.base_url = base_url
-        self.check_webhook = check_webhook
+        self.webhooks = webhooks
 
     async def submit(self, request: Request, kind: JobKind) -> tuple[Job, bool]:
         """The job for `request`'s form, and whether it is new (False: the idempotency key's earlier job).
@@ -65,13 +59,8 @@ class JobSubmitter:
         if kind == "job" and edit.stream:
             raise invalid("stream", "a job is not streamed: poll GET /v1/jobs/{id} or name a webhook_url;"
                           " to stream, send the edit to /v1/images/edits")
-        webhook_url, webhook_events = None, ()
         try:
-            if WEBHOOK_URL_FIELD in own:
-                webhook_url, webhook_events = self.check_webhook(str(own[WEBHOOK_URL_FIELD]),
-                                                                 own.get(WEBHOOK_EVENTS_FIELD))
-            elif WEBHOOK_EVENTS_FIELD in own:
-                raise ParamError(WEBHOOK_EVENTS_FIELD, "webhook_events needs a webhook_url")
+            webhook = await self.webhooks.check(_text(own.get(WEBHOOK_URL_FIELD)), _text(own.get(WEBHOOK_EVENTS_FIELD)))
         except ParamError as error:
             raise invalid(error.param, str(error)) from None
         run_items = [(name, value) for name, value in edit_items if name not in STREAM_FIELDS]
@@ -82,7 +71,7 @@ class JobSubmitter:
             kind=kind, body=body, content_type=content_type, model=edit.model or self.handler.catalogue.default_model,
             base_url=self.base_url(request.scope), partial_images=edit.partial_images if edit.stream else 0,
             idempotency_key=key, request_hash=await _content_hash(items) if key else None,
-            webhook_url=webhook_url, webhook_events=webhook_events,
+            webhook_url=webhook.url if webhook else None, webhook_events=webhook.events if webhook else (),
         )
         try:
             job, created = await run_in_threadpool(self.store.create, new)
@@ -97,6 +86,13 @@ class JobSubmitter:
         if created:
             self.wake()
         return job, created
+
+
+def _text(value: Any) -> str | None:
+    """A form field that must be text: a file there is refused as the field's mistake."""
+    if value is None or isinstance(value, str):
+        return value
+    raise invalid(getattr(value, "name", None) or "webhook_url", "a webhook field must be text, not a file")
 
 
 def _idempotency_key(request: Request) -> str | None:

@@ -37,6 +37,7 @@ from clarity.api.jobs import SQLiteJobStore
 from clarity.api.results import LocalResultStore
 from clarity.api.runner import JobRunner
 from clarity.api.submit import JobSubmitter
+from clarity.api.webhooks import WebhookSender
 from clarity.models.catalogue import Catalogue
 from clarity.serving.litserve import patches
 from clarity.serving.litserve.api import EditsLitAPI
@@ -91,11 +92,12 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     patches.run_beside_litserve(server, drain.run, name="clarity-drain")
 
     app = server.app
+    webhooks = WebhookSender(config.webhook_secret, config.webhook_allow, config.webhook_retry_seconds)
     runner = JobRunner(jobs, in_process_executor(app, config.api_key), concurrency=patches.worker_count(server),
-                       stopping=lambda: drain.stopping)
+                       webhooks=webhooks, stopping=lambda: drain.stopping)
     patches.run_beside_litserve(server, runner.run, name="clarity-job-runner")
     forwarded = ForwardedHeaders(config.forwarded_allow_ips)
-    submitter = JobSubmitter(handler, jobs, runner.wake, forwarded.base_url)
+    submitter = JobSubmitter(handler, jobs, runner.wake, forwarded.base_url, webhooks)
     # Each added middleware wraps the app so far: the metrics end up outermost (they count the guard's
     # refusals), then the guard, then the queue bound.
     app.add_middleware(QueueBound, max_queue=config.max_queue, max_uploads=config.max_uploads,
