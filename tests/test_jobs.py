@@ -150,6 +150,15 @@ def test_bad_submissions_are_400_naming_the_field(http, fields, param):
     assert response.json()["error"]["param"] == param
 
 
+def test_a_client_cannot_pass_its_edit_off_as_a_job(http):
+    # The runner's own requests name their job in a tag only the server sets; a form field of that
+    # name is just an unknown field.
+    response = http.post("/v1/images/edits", headers=AUTH, files={"image": ("photo.png", png(), "image/png")},
+                         data={"clarity_job_id": "job_0123", "prompt": "a photo", **FAST})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "clarity_job_id"
+
+
 def test_a_job_needs_the_key(http):
     response = http.post("/v1/jobs", files={"image": ("photo.png", png(), "image/png")})
     assert response.status_code == 401
