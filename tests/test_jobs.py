@@ -192,8 +192,11 @@ def test_a_job_sends_its_webhooks_signed_to_a_loopback_receiver(tiny_weights, tm
     receiver = Receiver([200])
     options = {"webhook_secret": (secret,), "webhook_allow": ("127.0.0.1/32",)}
     with running_server(tiny_weights, tmp_path, api_key=KEY, **options) as http:
-        refused = submit(http, webhook_url="http://10.1.2.3/hook")  # not on the allow-list
-        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
+        for bad_url in ("http://10.1.2.3/hook", "ftp://127.0.0.1/hook", "http://user:pw@127.0.0.1/hook"):
+            refused = submit(http, webhook_url=bad_url)  # off the allow-list, not HTTP, credentials in it
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url", bad_url
+        refused = submit(http, webhook_url=receiver.url, webhook_events="finished")
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_events"
         job = submit(http, png(64, 64), webhook_url=receiver.url, webhook_events="started,progress,completed",
                      num_inference_steps="40", creativity="1.0").json()
         assert job["webhook"] == {"url": receiver.url, "events": ["started", "progress", "completed"]}
