@@ -99,7 +99,8 @@ def worker_is_ready(server: ls.LitServer, endpoint: str, worker_id: int) -> bool
 
 def worker_count(server: ls.LitServer) -> int:
     """How many inference workers serve the edits: LitServe's device list (resolved from `devices` when it
-    was built; public attribute, no setter) times the workers per device."""
+    was built) times the workers per device, as its private `_inference_workers_config_for_api` counts them.
+    Guarded by test_litserve_patches.py::test_the_attributes_read_and_set_exist_with_their_meaning."""
     return len(server.devices) * server.workers_per_device
 
 
