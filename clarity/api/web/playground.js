@@ -501,7 +501,8 @@ function showSlider() {
   $("slider").setAttribute("aria-valuetext", `${value} % original, ${100 - value} % upscaled`);
 }
 
-/** Dragging on the picture moves the slider too. */
+/** Dragging on the picture with a mouse moves the slider too (a finger pans a zoomed picture; the slider
+ * below is for fingers). */
 function wireComparePointer(compare) {
   const follow = (event) => {
     const box = compare.getBoundingClientRect();
@@ -510,6 +511,7 @@ function wireComparePointer(compare) {
     showSlider();
   };
   compare.addEventListener("pointerdown", (event) => {
+    if (event.pointerType !== "mouse") return;
     compare.setPointerCapture(event.pointerId);
     follow(event);
   });
