@@ -22,6 +22,7 @@ from pathlib import Path
 from benchmarks import (
     gpu,
     large_output,
+    preview,
     scaling,
     seams,
     server_overhead,
@@ -39,6 +40,7 @@ BENCHMARKS = {
     "server_overhead": server_overhead,
     "large_output": large_output,
     "seams": seams,
+    "preview": preview,
     "gpu": gpu,
 }
 #: The committed results the README shows; a run replaces them only with --replace-committed.

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +74,9 @@ def running_server(weights, output_dir, **options) -> Iterator:
     from clarity.api.config import ServerConfig
     from clarity.serving.litserve.server import build_server
 
-    options = {"public_url": "http://testserver", **options}
+    # Its own job store: a server in a test never resumes another test's jobs.
+    options = {"public_url": "http://testserver", "data_dir": Path(tempfile.mkdtemp(prefix="clarity-data-")),
+               **options}
     server = build_server(ServerConfig(weights=weights, accelerator="cpu", output_dir=output_dir, **options))
     with contextlib.ExitStack() as stack:
         with pytest.MonkeyPatch.context() as patch:
@@ -121,6 +124,8 @@ class ServerProcess:
         self.port = free_port()
         self.log = log
         self.url = f"http://127.0.0.1:{self.port}"
+        if "--data-dir" not in options:  # its own job store, unless a test restarts a server on one
+            options = ["--data-dir", str(log.parent / f"data-{self.port}"), *options]
         command = [sys.executable, str(ROOT / "server.py"), "--weights", str(weights), "--host", "127.0.0.1",
                    "--port", str(self.port), "--accelerator", "cpu", *options]
         env = {**os.environ, "OMP_NUM_THREADS": ONE_THREAD}

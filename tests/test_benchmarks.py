@@ -102,3 +102,13 @@ def test_large_output_job_runs_everything_but_the_denoiser(tiny_weights, monkeyp
     # The zero-answering denoiser costs nothing: what remains (VAE, conversions) is quick.
     assert 0 < row["seconds"] < 60 and row["peak_rss_mb"] >= row["rss_after_loading_mb"]
     assert row["bytes_per_output_pixel"] >= 0
+
+
+def test_preview_benchmark_times_previews_steps_and_uncalled_previews(upscaler):
+    from benchmarks.preview import in_upscale, latent_alone
+
+    row = in_upscale(upscaler, side=64)
+    assert row["latent_size"] == [8, 8] and row["step_seconds"] > 0 and row["preview_seconds"] > 0
+    assert row["preview_share_of_step"] == pytest.approx(row["preview_seconds"] / row["step_seconds"])
+    alone = latent_alone(upscaler.pipeline.scheduler_config, upscaler.device)
+    assert 0 < alone["uncalled_preview_seconds"] < alone["map_seconds"] < alone["preview_seconds"]

@@ -277,6 +277,8 @@ def test_progress_reports_every_step_of_every_pass(upscaler, image):
     events = []
     upscaler.upscale(image, scale_factor=4, progress=events.append, **FAST)
     assert [(e.pass_index, e.step) for e in events] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    fractions = [e.fraction for e in events]
+    assert fractions[0] == 0 and fractions == sorted(fractions)  # a pass starting is not a pass done
     assert events[-1].fraction == pytest.approx(1.0)
 
 

@@ -59,6 +59,16 @@ def test_an_edit_returns_the_upscaled_image_and_its_request_id(server, image_pat
     assert result["request_id"].startswith("req_")  # the id the server's log lines carry
 
 
+def test_a_streamed_edit_yields_partial_images_then_the_result(server, image_path):
+    result = sdk_call(server, image_path, stream=True, partial_images=2, num_inference_steps=6, creativity=0.5)
+    assert result["ok"], result
+    events = result["events"]
+    assert [event["type"] for event in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert [event["partial_image_index"] for event in events[:2]] == [0, 1]
+    image = Image.open(io.BytesIO(base64.b64decode(events[-1]["b64_json"])))
+    assert image.size == (80, 64) and events[-1]["size"] == "80x64"
+
+
 def test_a_url_result_can_be_fetched(server, image_path):
     result = sdk_call(server, image_path, scale_factor=3, **FAST)
     assert result["ok"], result

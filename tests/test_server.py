@@ -255,12 +255,12 @@ def test_mask_keeps_its_opaque_area_as_the_original(client):
     assert not np.array_equal(np.asarray(result)[:, 60:], np.asarray(original)[:, 60:])
 
 
-def test_streaming_is_refused(http):
+def test_a_stream_flag_that_is_not_a_boolean_is_refused_naming_it(http):
     response = http.post(
         "/v1/images/edits",
         headers={"Authorization": f"Bearer {KEY}"},
         files={"image": ("a.png", png_bytes(), "image/png")},
-        data={"model": "clarity-upscaler", "prompt": "x", "stream": "true"},
+        data={"model": "clarity-upscaler", "prompt": "x", "stream": "maybe"},
     )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "stream"
@@ -313,7 +313,12 @@ def test_openapi_schema_describes_the_public_api_only(http):
     assert schema["info"]["title"] == "Clarity"
     assert schema["info"]["version"] == clarity.__version__
     assert set(schema["paths"]) == {"/v1/images/edits", "/v1/models", "/v1/models/{model_id}",
-                                    "/v1/files/{name}", "/health"}
+                                    "/v1/files/{name}", "/health", "/v1/jobs", "/v1/jobs/{job_id}",
+                                    "/v1/jobs/{job_id}/cancel"}
+    assert set(schema["paths"]["/v1/jobs/{job_id}"]) == {"get", "delete"}
+    assert "text/event-stream" in schema["paths"]["/v1/images/edits"]["post"]["responses"]["200"]["content"]
+    job_form = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(job_form["properties"]) == {*known_fields(), "webhook_url", "webhook_events"}
     edits = schema["paths"]["/v1/images/edits"]["post"]
     form = edits["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert set(form["properties"]) == set(known_fields()) and form["required"] == ["image"]

@@ -7,11 +7,13 @@ the runtimes read nothing else, and the inference workers receive it whole (it p
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from clarity import SpeedOptions
 from clarity.api.logs import DEFAULT_PROGRESS_SECONDS, LOG_LEVELS
+from clarity.api.webhooks import MIN_SECRET_BYTES, AllowList, is_signing_secret
 from clarity.errors import ParamError, echo
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
 from clarity.options import option
@@ -19,6 +21,11 @@ from clarity.params import check_range
 
 #: Where the CLI and server look for weights when neither --weights nor $CLARITY_WEIGHTS says.
 DEFAULT_WEIGHTS = Path("weights")
+
+
+def default_data_dir() -> Path:
+    """Where a server keeps its jobs and results unless told: the XDG data folder, as most Linux services."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "clarity"
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -68,8 +75,13 @@ class ServerConfig:
         False, "Serve /metrics (Prometheus) without the API key, for a scraper on a trusted network; by default"
         " it needs the key like every other route.",
     )
+    data_dir: Path | None = option(
+        None, "Where the server keeps its jobs (jobs.sqlite3) and, unless --output-dir says, its url-mode results;"
+        " they survive a restart (default: $XDG_DATA_HOME/clarity, else ~/.local/share/clarity).",
+        env="CLARITY_DATA_DIR", metavar="DIR",
+    )
     output_dir: Path | None = option(
-        None, "Where url-mode results are kept (default: a new temporary folder).", metavar="DIR"
+        None, "Where url-mode results are kept (default: results/ in the data folder).", metavar="DIR"
     )
     public_url: str | None = option(
         None, "Base URL of result URLs, for every client (default: the scheme and Host each request came by,"
@@ -84,6 +96,17 @@ class ServerConfig:
     max_result_mb: float = option(
         2000.0, "Disk space url-mode results may take, in MB; when full, url-mode requests get 503 storage_full"
         " until older results expire.", min=0,
+    )
+    job_ttl_seconds: float = option(
+        3600.0, "Seconds a finished job (its status and result) is kept, then removed.", min=0
+    )
+    max_jobs: int = option(
+        1000, "Jobs kept at once (queued, running and finished ones not yet expired); beyond it a submission"
+        " gets 429 too_many_jobs.", min=1,
+    )
+    max_job_mb: float = option(
+        2000.0, "Space the inputs of waiting jobs and the results of finished ones may take, in MB; beyond it a"
+        " submission gets 429 too_many_jobs.", min=0,
     )
     max_payload_mb: float = option(50.0, "Largest request body accepted, in MB.", min=0)
     max_output_mp: float | None = option(
@@ -128,6 +151,22 @@ class ServerConfig:
     progress_log_seconds: float = option(
         DEFAULT_PROGRESS_SECONDS, "Seconds between progress lines of a running request.", min=0
     )
+    webhook_secret: tuple[str, ...] = option(
+        (), "Secrets that sign job webhooks, Standard Webhooks' whsec_<base64> (24 bytes or more), comma-separated;"
+        " each one signs every delivery, so a new secret can be added before the old one is removed (without one,"
+        " jobs naming a webhook_url are refused)",
+        env="CLARITY_WEBHOOK_SECRET", metavar="WHSEC,WHSEC", parse=comma_list,
+    )
+    webhook_allow: tuple[str, ...] = option(
+        (), "Where job webhooks may go: host names, addresses or networks (CIDR), comma-separated; a name that is"
+        " not listed is allowed if it resolves only to addresses in listed networks (without any, jobs naming a"
+        " webhook_url are refused)",
+        metavar="HOST,NET", parse=comma_list,
+    )
+    webhook_retry_seconds: float = option(
+        3600.0, "Seconds a webhook delivery is retried (waits from 1 s doubling to 5 minutes) before it is given up"
+        " and logged.", min=0,
+    )
     speed: SpeedOptions = option(default_factory=SpeedOptions, help="speed (see README, GPU)")
 
     def __post_init__(self) -> None:
@@ -141,11 +180,31 @@ class ServerConfig:
         for entry in self.forwarded_allow_ips:
             if entry != "*" and not _is_network(entry):
                 raise ParamError("forwarded_allow_ips", f"expected addresses, networks or *; got {echo(entry)}")
+        try:
+            AllowList.parse(self.webhook_allow)
+        except ValueError as error:
+            raise ParamError("webhook_allow", str(error)) from None
+        for number, secret in enumerate(self.webhook_secret, start=1):
+            if not is_signing_secret(secret):  # not echoed: it is a secret
+                raise ParamError("webhook_secret", f"secret {number} is not whsec_ followed by the base64 of at least"
+                                 f" {MIN_SECRET_BYTES} bytes (README, Webhooks, says how to make one)")
 
     @property
     def base_url(self) -> str:
         """Where result URLs point when no request says better: `public_url`, else this machine on localhost."""
         return (self.public_url or f"http://localhost:{self.port}").rstrip("/")
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir or default_data_dir()
+
+    @property
+    def results_path(self) -> Path:
+        return self.output_dir or self.data_path / "results"
+
+    @property
+    def max_job_bytes(self) -> int:
+        return int(self.max_job_mb * 1_000_000)
 
     @property
     def max_result_bytes(self) -> int:

@@ -4,8 +4,8 @@ A runtime calls `install_docs` on its app once every route is added. It replaces
 `/docs`, `/redoc` and `/openapi.json` (whose pages load Swagger UI and ReDoc from a CDN, blank on an
 offline machine, and whose schema lists every route, internal ones included) with:
 
-- `/openapi.json`: titled Clarity, describing only `PUBLIC_OPERATIONS` (the edits form, models,
-  result files, health), with an HTTP bearer scheme on the routes that need the key;
+- `/openapi.json`: titled Clarity, describing only `PUBLIC_OPERATIONS` (the edits form, streamed
+  or not, jobs, models, result files, health), with an HTTP bearer scheme on the routes that need the key;
 - `/docs` (Swagger UI, with "Authorize" for trying calls) and `/redoc`, whose scripts and styles
   are served from `/docs/assets/`: the files the `fastapi-offline` package ships.
 
@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from clarity import __version__
 from clarity.api import wire
 from clarity.api.http import DOCS_ASSETS_PATH, DOCS_PATH, HEALTH_PATH, MODELS_PATH, OPENAPI_PATH, REDOC_PATH, is_open
+from clarity.api.job_routes import JOBS_PATH, MAX_PAGE
 from clarity.api.results import FILES_ROUTE
 
 #: Swagger UI's and ReDoc's built files, as fastapi-offline ships them (its `static` package data).
@@ -71,6 +72,12 @@ EDIT_ERRORS: dict[int, str] = {
          "compute limit (`compute_timeout`, which a retry would repeat).",
     507: "url mode, and the result storage is full (`storage_full`).",
 }
+#: What the job routes answer besides the job.
+JOB_ERRORS: dict[int, str] = {
+    404: "No such job (`job_not_found`): never submitted, deleted, or expired.",
+    409: "The job's state does not allow it: cancelling a finished job (`job_finished`), deleting an unfinished"
+         " one (`job_not_finished`).",
+}
 
 #: Response shapes, as `#/components/schemas/...`.
 SCHEMAS: dict[str, Any] = {
@@ -100,6 +107,32 @@ SCHEMAS: dict[str, Any] = {
             }},
         },
     },
+    "Job": {
+        "type": "object", "description": "An async job: an edit run in the background.",
+        "properties": {
+            "id": {"type": "string"}, "object": {"const": "job"},
+            "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "model": {"type": "string"},
+            "created_at": {"type": "integer"}, "started_at": {"type": ["integer", "null"]},
+            "finished_at": {"type": ["integer", "null"]},
+            "expires_at": {"type": ["integer", "null"], "description": "when a finished job and its result go"},
+            "queue_position": {"type": ["integer", "null"], "description": "queued: jobs that run before it"},
+            "progress": {"type": "number", "description": "share of the denoising work done, 0-1"},
+            "eta_seconds": {"type": ["number", "null"], "description": "running: seconds left, estimated"},
+            "attempts": {"type": "integer", "description": "runs started (a restart runs a job again)"},
+            "cancel_requested": {"type": "boolean"},
+            "result": {"oneOf": [{"$ref": "#/components/schemas/ImagesResponse"}, {"type": "null"}],
+                       "description": "succeeded: what the edit would have answered"},
+            "error": {"type": ["object", "null"], "description": "failed or cancelled: OpenAI's error object"},
+            "webhook": {"type": ["object", "null"]},
+        },
+    },
+    "JobList": {
+        "type": "object",
+        "properties": {"object": {"const": "list"}, "has_more": {"type": "boolean"},
+                       "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+                       "data": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}},
+    },
     "Model": {
         "type": "object",
         "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
@@ -124,24 +157,79 @@ def _errors(statuses: dict[int, str]) -> dict[str, Any]:
     return {str(status): _json(description, "Error") for status, description in statuses.items()}
 
 
-#: The public API, by route path: what the schema says of each operation (FastAPI supplies the parameters).
-PUBLIC_OPERATIONS: dict[str, dict[str, Any]] = {
-    wire.EDITS_PATH: {
+_JOB_FORM = copy.deepcopy(wire.edit_form_schema())
+_JOB_FORM["content"]["multipart/form-data"]["schema"]["properties"].update({
+    "webhook_url": {"type": "string", "description": "where to POST the job's events (Standard Webhooks, signed);"
+                                                     " must be on the server's --webhook-allow list"},
+    "webhook_events": {"type": "string", "description": "comma-separated: started, progress, completed"
+                                                        " (default: completed)"},
+})
+_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
+                "description": "Makes a submission safe to retry: the same key and form return the same job; the"
+                               " same key with another form is a 409 `idempotency_conflict`."}
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+#: The public API, by route path and method: what the schema says of each operation.
+PUBLIC_OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
+    wire.EDITS_PATH: {"post": {
         "operationId": "createImageEdit", "summary": "Upscale an image (the SDKs' images.edit)",
         "description": "A multipart form: OpenAI's `images.edit` fields plus every Clarity parameter as an extra "
-                       "field. Streaming (`stream=true`) and async jobs are not served yet.",
+                       "field. With `stream=true` the answer is Server-Sent Events as OpenAI streams an edit: "
+                       "`image_edit.partial_image` previews (`partial_images`, 0-3), then one "
+                       "`image_edit.completed` per image, or an `error` event.",
         "requestBody": wire.edit_form_schema(),
-        "responses": {"200": _json("The upscaled image(s).", "ImagesResponse"), **_errors(EDIT_ERRORS)},
+        "responses": {
+            "200": {**_json("The upscaled image(s).", "ImagesResponse"),
+                    "content": {**_json("", "ImagesResponse")["content"],
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors(EDIT_ERRORS),
+        },
+    }},
+    JOBS_PATH: {
+        "post": {
+            "operationId": "createJob", "summary": "Submit an edit as an async job",
+            "description": "The edits form (not streamed), plus an optional webhook. Answered at once; poll the "
+                           "job or receive its webhooks. A retry with the same Idempotency-Key returns the job "
+                           "(200, `Idempotent-Replayed: true`).",
+            "parameters": [_IDEMPOTENCY], "requestBody": _JOB_FORM,
+            "responses": {"202": _json("The job, queued.", "Job"), "200": _json("The job of this key.", "Job"),
+                          **_errors({400: EDIT_ERRORS[400], 404: EDIT_ERRORS[404],
+                                     409: "The Idempotency-Key was used with another form.",
+                                     429: "The job store is full (`too_many_jobs`; `param` names the limit)."})},
+        },
+        "get": {
+            "operationId": "listJobs", "summary": "Jobs, newest first",
+            "parameters": [
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 20}},
+                {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "a job id: the page after it (`last_id` of the page before)"},
+            ],
+            "responses": {"200": _json("A page of jobs.", "JobList"), **_errors({400: "Bad limit or after."})},
+        },
     },
-    MODELS_PATH: {
+    JOBS_PATH + "/{job_id}": {
+        "get": {"operationId": "retrieveJob", "summary": "A job: status, progress, result",
+                "parameters": [_JOB_ID],
+                "responses": {"200": _json("The job.", "Job"), **_errors({404: JOB_ERRORS[404]})}},
+        "delete": {"operationId": "deleteJob", "summary": "Delete a finished job and its result",
+                   "parameters": [_JOB_ID],
+                   "responses": {"200": {"description": "Deleted."}, **_errors(JOB_ERRORS)}},
+    },
+    JOBS_PATH + "/{job_id}/cancel": {"post": {
+        "operationId": "cancelJob", "summary": "Cancel a queued or running job",
+        "description": "A queued job is cancelled at once; a running one after its current denoising step.",
+        "parameters": [_JOB_ID], "responses": {"200": _json("The job.", "Job"), **_errors(JOB_ERRORS)},
+    }},
+    MODELS_PATH: {"get": {
         "operationId": "listModels", "summary": "The served models",
         "responses": {"200": _json("Every model id `model` may name.", "ModelList")},
-    },
-    MODELS_PATH + "/{model_id}": {
+    }},
+    MODELS_PATH + "/{model_id}": {"get": {
         "operationId": "retrieveModel", "summary": "One served model",
         "responses": {"200": _json("The model.", "Model"), **_errors({404: "Not a served model."})},
-    },
-    FILES_ROUTE + "/{name}": {
+    }},
+    FILES_ROUTE + "/{name}": {"get": {
         "operationId": "getFile", "summary": "A url-mode result",
         "description": "Open: the unguessable name is the credential. Results expire (an hour by default).",
         "responses": {
@@ -149,14 +237,14 @@ PUBLIC_OPERATIONS: dict[str, dict[str, Any]] = {
                     "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
             **_errors({404: "No such file, or it expired (`file_not_found`)."}),
         },
-    },
-    HEALTH_PATH: {
+    }},
+    HEALTH_PATH: {"get": {
         "operationId": "health", "summary": "Whether the server takes edits (for load balancers)",
         "responses": {
             "200": {"description": "Ready.", "content": {"text/plain": {"schema": {"const": "ok"}}}},
             "503": {"description": "Workers still loading, or the server is shutting down."},
         },
-    },
+    }},
 }
 
 
@@ -165,8 +253,8 @@ def public_openapi(app: FastAPI) -> dict[str, Any]:
     routes = [route for route in app.routes if isinstance(route, APIRoute) and route.path in PUBLIC_OPERATIONS]
     schema = get_openapi(title="Clarity", version=__version__, description=DESCRIPTION, routes=routes)
     for path, operations in schema["paths"].items():
-        for operation in operations.values():
-            operation.update(copy.deepcopy(PUBLIC_OPERATIONS[path]))
+        for method, operation in operations.items():
+            operation.update(copy.deepcopy(PUBLIC_OPERATIONS[path][method]))
             if is_open(path):
                 operation["security"] = []
             else:

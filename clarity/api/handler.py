@@ -3,7 +3,8 @@
     handler = EditHandler(config, catalogue)      # in the front end: picklable, nothing loaded
     handler.load(device)                          # in each worker: every served model
     request = handler.parse(form_items)           # 4xx naming the field, before any work
-    result = handler.run(request, cancelled=...)  # the upscale, stopped on a deadline or cancel
+    result = handler.run(request, cancelled=...)  # the upscale, stopped on a deadline or cancel;
+                                                  # a job's progress and previews go to its store
     body = handler.respond(request, result)       # OpenAI's ImagesResponse; url mode stores files
 
 Every expected failure leaves as an `APIError` (status and OpenAI-shaped body); a runtime only
@@ -24,7 +25,9 @@ from clarity.api import metrics, wire
 from clarity.api.budget import check_budget
 from clarity.api.config import ServerConfig
 from clarity.api.errors import CLIENT_GONE_STATUS, ENGINE_FAILURE, APIError, api_error
+from clarity.api.jobs import JobStore
 from clarity.api.logs import RequestLog
+from clarity.api.progress import JobProgress
 from clarity.api.results import ResultStore, StorageFull, result_url
 from clarity.errors import ClarityError
 from clarity.imageio import encode_image
@@ -49,6 +52,11 @@ def client_gone() -> APIError:
     return APIError(CLIENT_GONE_STATUS, "The client closed the connection.", code="client_gone")
 
 
+def job_cancelled() -> APIError:
+    """The answer for work whose job was cancelled (or deleted): only the job runner reads it."""
+    return APIError(CLIENT_GONE_STATUS, "The job was cancelled.", code="cancelled")
+
+
 def _never() -> bool:
     return False
 
@@ -56,15 +64,18 @@ def _never() -> bool:
 class EditHandler:
     """`POST /v1/images/edits` for the models of `catalogue`, under `config`'s limits.
 
-    `results` keeps url-mode outputs; each runtime gives the one its processes share.
-    Everything passed in must pickle: runtimes build the handler in the front end and load
-    the models in each worker (`load`), so every model is resident in every worker.
+    `results` keeps url-mode outputs, `jobs` the jobs whose forms a runtime hands in (tagged with
+    their id); each runtime gives the ones its processes share. Everything passed in must pickle:
+    runtimes build the handler in the front end and load the models in each worker (`load`), so
+    every model is resident in every worker.
     """
 
-    def __init__(self, config: ServerConfig, catalogue: Catalogue, results: ResultStore) -> None:
+    def __init__(self, config: ServerConfig, catalogue: Catalogue, results: ResultStore,
+                 jobs: JobStore | None = None) -> None:
         self.config = config
         self.catalogue = catalogue
         self.results = results
+        self.jobs = jobs
         self.upscalers: dict[str, Upscaler] = {}
         self.device = "cpu"
 
@@ -85,13 +96,13 @@ class EditHandler:
 
     def parse(
         self, items: Iterable[tuple[str, Any]], request_id: str | None = None, base_url: str | None = None,
-        received_at: float | None = None,
+        received_at: float | None = None, job_id: str | None = None,
     ) -> wire.EditRequest:
         """Validate a form into an `EditRequest`; every mistake is an `APIError` naming its field.
 
         `base_url` is how the client reached the server (its result URLs start there, unless the
         server has a `public_url`); `received_at` (`time.time()`) when it arrived there, for the
-        queue wait metric.
+        queue wait metric; `job_id` the job whose form it is.
         """
         metrics.record_queue_wait(received_at)
         try:
@@ -108,7 +119,7 @@ class EditHandler:
                     raise APIError(503, str(full), code="storage_full") from None
         except APIError as error:
             raise self._refused(model, error) from None
-        return dataclasses.replace(edit, request_id=request_id, base_url=base_url)
+        return dataclasses.replace(edit, request_id=request_id, base_url=base_url, job_id=job_id)
 
     def _model_of(self, request: wire.EditRequest) -> str:
         """The served model that answers `request`: the one it names, else the default."""
@@ -121,13 +132,15 @@ class EditHandler:
         return error
 
     def run(self, request: wire.EditRequest, cancelled: Callable[[], bool] = _never) -> UpscaleResult:
-        """Upscale `request`, checking the compute deadline and `cancelled()` after every denoising step."""
+        """Upscale `request`, checking the compute deadline and `cancelled()` after every denoising step;
+        a job's request reports progress and previews to its job, and stops when the job is cancelled."""
         started = time.monotonic()
         model = self._model_of(request)
         log = RequestLog(logger, request.request_id, self.config.progress_log_seconds)
         width, height = request.image.size
         log.started_work(f"model {model}, {width}x{height} at scale {request.params.scale_factor:g}, n={request.n}")
         limit = self.config.max_compute_seconds
+        job = self._job_progress(request)
 
         def check(event: ProgressEvent) -> None:
             if limit and time.monotonic() - started > limit:
@@ -135,7 +148,11 @@ class EditHandler:
                 raise _Stop(APIError(504, message, code="compute_timeout"), f"over the compute limit of {limit:g} s")
             if cancelled():
                 raise _Stop(client_gone(), "its client disconnected")
+            if job is not None and job.cancelled():
+                raise _Stop(job_cancelled(), "its job was cancelled")
             log.progress(event.fraction)
+            if job is not None:
+                job(event)
 
         try:
             with metrics.running():
@@ -162,6 +179,18 @@ class EditHandler:
         log.finished(f"{len(result.images)} image(s) of {out_width}x{out_height}")
         self._record_output(model, result)
         return result
+
+    def _job_progress(self, request: wire.EditRequest) -> JobProgress | None:
+        """For a job's request: the job marked running, and its reporter; `job_cancelled` if it was cancelled
+        (or deleted) while queued."""
+        if request.job_id is None or self.jobs is None:
+            return None
+        job = self.jobs.get(request.job_id)
+        if job is None or not self.jobs.mark_running(request.job_id):
+            logger.info("request %s skipped: its job %s was cancelled", request.request_id, request.job_id)
+            raise self._refused(self._model_of(request), job_cancelled())
+        return JobProgress(self.jobs, request.job_id, job.partial_images, request.output_format,
+                           request.output_compression)
 
     @staticmethod
     def _record_output(model: str, result: UpscaleResult) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -117,6 +117,43 @@ def multipart_boundary(content_type: bytes) -> bytes | None:
     if kind.lower() != b"multipart/form-data" or not boundary or not _BOUNDARY.fullmatch(boundary):
         return None
     return boundary
+
+
+def text_field(body: bytes, boundary: bytes, name: str, max_chars: int = 64) -> str | None:
+    """The first text field `name` of a multipart body (its first `max_chars` bytes), or None if it has none.
+
+    python-multipart reads the parts; only the part's name is looked at, so the image parts cost a scan,
+    not a copy.
+    """
+    part: dict[str, Any] = {"header": b"", "value": b"", "name": None}
+    found: list[str] = []
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["header"] = data[start:end].lower()
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        if part["header"] == b"content-disposition":
+            _, options = parse_options_header(data[start:end])
+            part["name"] = options.get(b"name", b"").decode("latin-1")
+            part["file"] = b"filename" in options
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if part["name"] == name and not part.get("file") and len(part["value"]) < max_chars:
+            part["value"] += data[start:end]
+
+    def on_part_end() -> None:
+        if part["name"] == name and not part.get("file") and not found:
+            found.append(part["value"][:max_chars].decode("utf-8", "replace"))
+        part.update(header=b"", value=b"", name=None, file=False)
+
+    parser = MultipartParser(boundary, {"on_header_field": on_header_field, "on_header_value": on_header_value,
+                                        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception:  # a malformed body: the form parser that reads it in earnest reports it
+        logger.debug("multipart body not readable while looking for %s", name, exc_info=True)
+    return found[0] if found else None
 
 
 def body_ended(message: Message) -> bool:

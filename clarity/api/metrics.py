@@ -66,6 +66,8 @@ SPECS = (
     MetricSpec("clarity_uploads_in_progress", "gauge", "Edit request bodies still arriving.", mode="livesum"),
     MetricSpec("clarity_queue_timeouts_total", "counter", "Edit requests answered 504 queue_timeout after waiting"
                " for a free worker."),
+    MetricSpec("clarity_jobs", "gauge", "Jobs kept in the job store, by status (streamed edits included).",
+               ("status",), mode="livemostrecent"),
     # The inference workers.
     MetricSpec("clarity_edits_total", "counter", "Edit requests a worker answered, by model (unknown: refused"
                " before the model was settled) and status code.", ("model", "status")),
@@ -94,6 +96,10 @@ SPECS = (
                mode="livemax"),
     # The runtime's supervisor.
     MetricSpec("clarity_worker_restarts_total", "counter", "Inference workers that died and were started again."),
+    # Job webhooks, sent by the HTTP process.
+    MetricSpec("clarity_webhook_deliveries_total", "counter", "Job webhook deliveries ended, by outcome: delivered,"
+               " gone (410), refused (host off the allow-list), gave_up (retried for --webhook-retry-seconds),"
+               " dropped (too many pending, or shutting down), cancelled (at shutdown).", ("outcome",)),
 )
 #: Every metric name the server exports (the Grafana dashboard's test checks its queries against these).
 METRIC_NAMES = frozenset(spec.name for spec in SPECS)
@@ -175,6 +181,12 @@ def record_queue_timeout() -> None:
     _inc("clarity_queue_timeouts_total")
 
 
+def record_jobs(counts: dict[str, int]) -> None:
+    """The jobs in the store now, by status (every status, 0 included)."""
+    for status, count in counts.items():
+        _set("clarity_jobs", count, status=status)
+
+
 # --- events of an inference worker ----------------------------------------------------------------------
 
 
@@ -247,6 +259,14 @@ def record_worker_restart(dead_pid: int | None) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(dead_pid)
+
+
+# --- events of the webhook sender (HTTP process) -------------------------------------------------------
+
+
+def record_webhook_delivery(outcome: str) -> None:
+    """A webhook delivery ended: `outcome` is one of the few words `clarity_webhook_deliveries_total` lists."""
+    _inc("clarity_webhook_deliveries_total", outcome=outcome)
 
 
 # --- the HTTP side: the route and the middleware ---------------------------------------------------------

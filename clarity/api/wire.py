@@ -22,16 +22,20 @@
   (OpenAI's default of 100 means "least compression", which is the same scale).
 - `mask`: one image file with the input's aspect ratio, marking what to keep as it is:
   opaque areas when it has an alpha channel (OpenAI's convention: transparent = edit), else
-  white areas (the original Clarity's). `stream=true`: not supported (400).
+  white areas (the original Clarity's).
+- `stream=true`: the answer is Server-Sent Events, as OpenAI streams an image edit (`sse`):
+  `partial_images` (0-3) previews while it runs, then one `image_edit.completed` event per image;
+  `response_format` then defaults to `b64_json`.
 - Accepted and ignored: `background` (input transparency is always preserved),
   `input_fidelity` (use `resemblance`), `quality` (use `num_inference_steps`), `user`,
-  `safety_identifier`, `partial_images` (only meaningful with streaming).
+  `safety_identifier`.
 
 Nothing here knows about tiles or latents: engine fields come from `clarity.params`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -52,6 +56,8 @@ EDITS_PATH = "/v1/images/edits"
 MODEL_CREATED = 1_735_689_600  # 2025-01-01T00:00:00Z
 
 MAX_VARIANTS = 4
+#: OpenAI's limit on `partial_images`.
+MAX_PARTIAL_IMAGES = 3
 RESPONSE_FORMATS = ("url", "b64_json")
 #: Longest `prompt` / `negative_prompt` accepted, in characters. The text encoder reads 77
 #: tokens, so this only bounds the work and memory a hostile request can cause.
@@ -71,8 +77,8 @@ OPENAI_FIELDS: dict[str, str] = {
     "background": "ignored: transparency of the input is preserved",
     "input_fidelity": "ignored: use resemblance",
     "quality": "ignored: use num_inference_steps",
-    "stream": "streaming is not supported",
-    "partial_images": "ignored (streaming only)",
+    "stream": "true: answer with Server-Sent Events (progress, previews, then the images)",
+    "partial_images": f"with stream=true, previews sent while it runs, 0-{MAX_PARTIAL_IMAGES}",
     "user": "ignored",
     "safety_identifier": "ignored",
 }
@@ -151,6 +157,11 @@ class EditRequest:
     request_id: str | None = None
     #: How the client reached the server (`scheme://host`), for result URLs it can open.
     base_url: str | None = None
+    #: Whether the client asked for Server-Sent Events, and how many previews it wants in them.
+    stream: bool = False
+    partial_images: int = 0
+    #: The job this request runs (`jobs.py`), which hears its progress; None for a plain edit.
+    job_id: str | None = None
 
 
 def _is_file(value: Any) -> bool:
@@ -212,11 +223,12 @@ def parse_edit_form(
         if len(fields.get(name, "")) > MAX_PROMPT_CHARS:
             raise invalid(name, f"{name} is {len(fields[name]):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
     model = _model_field(fields, models)
-    if parse_bool("stream", fields.get("stream") or "false"):
-        raise invalid("stream", "streaming is not supported; send stream=false or leave it out")
+    stream = parse_bool("stream", fields.get("stream") or "false")
+    partial_images = _integer("partial_images", fields.get("partial_images") or "0", 0, MAX_PARTIAL_IMAGES)
 
     n = _integer("n", fields.get("n", "1"), 1, MAX_VARIANTS)
-    response_format = _choice("response_format", fields.get("response_format") or "url", RESPONSE_FORMATS)
+    default_format = "b64_json" if stream else "url"  # OpenAI's streamed events carry the image
+    response_format = _choice("response_format", fields.get("response_format") or default_format, RESPONSE_FORMATS)
     output_format = _choice("output_format", (fields.get("output_format") or "png").lower(), OUTPUT_FORMATS)
     compression = fields.get("output_compression")
     output_compression = _integer("output_compression", compression, 0, 100) if compression else None
@@ -229,7 +241,8 @@ def parse_edit_form(
     mask = load_image(_read_file(mask_file), param="mask", **load_options) if mask_file is not None else None
     if fields.get("size"):
         params = _apply_size(fields["size"], image.size, params, scale_factor_sent="scale_factor" in fields)
-    return EditRequest(image, params, n, response_format, output_format, output_compression, mask, model)
+    return EditRequest(image, params, n, response_format, output_format, output_compression, mask, model,
+                       stream=stream, partial_images=partial_images)
 
 
 def _collect_fields(items: Iterable[tuple[str, Any]]) -> tuple[dict[str, Any], Any]:
@@ -335,3 +348,47 @@ def models_list(model_ids: Iterable[str]) -> dict[str, Any]:
 
 def megapixels(sizes: Iterable[tuple[int, int]]) -> float:
     return math.fsum(w * h for w, h in sizes) / 1e6
+
+
+# --- streamed edits: OpenAI's Server-Sent Events -------------------------------------------------
+
+#: OpenAI's event names for a streamed image edit.
+PARTIAL_IMAGE_EVENT = "image_edit.partial_image"
+COMPLETED_EVENT = "image_edit.completed"
+#: The SDKs need `usage` on a completed event; OpenAI counts tokens, which mean nothing here.
+ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+              "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    """One Server-Sent Event: its name, and its data as one line of JSON."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def sse_comment(text: str) -> bytes:
+    """A comment line: clients ignore it, proxies and timers see traffic."""
+    return f": {text}\n\n".encode()
+
+
+def partial_image_event(preview: dict[str, Any]) -> dict[str, Any]:
+    """`image_edit.partial_image` for a preview a worker recorded (`b64_json`, `partial_image_index`,
+    `size`, `output_format`, and Clarity's `progress`, the share of the work done when it was taken)."""
+    return {"type": PARTIAL_IMAGE_EVENT, "created_at": int(time.time()), "quality": "auto", "background": "auto",
+            **preview}
+
+
+def completed_events(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """One `image_edit.completed` per image of an `ImagesResponse` (`images_response`): the image as it
+    was asked for (`b64_json`, or `url` with response_format=url), plus Clarity's `seed`,
+    `revised_prompt` and `clarity_usage`."""
+    return [
+        {"type": COMPLETED_EVENT, "created_at": response["created"], "size": response["size"], "quality": "auto",
+         "background": "auto", "output_format": response["output_format"], "usage": ZERO_USAGE,
+         **item, "clarity_usage": response["clarity_usage"]}
+        for item in response["data"]
+    ]
+
+
+def error_event(body: dict[str, Any]) -> dict[str, Any]:
+    """The `error` event that ends a stream which failed after it started: OpenAI's error shape."""
+    return {"type": "error", **body}

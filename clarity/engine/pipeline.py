@@ -26,8 +26,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from clarity.engine import vae as vae_ops
 from clarity.engine.controlnet import residual_scales, scale_residuals
+from clarity.engine.preview import StepPreview, step_preview
 from clarity.engine.prompts import EncodedPrompt, PromptEncoder
-from clarity.engine.schedulers import make_scheduler
+from clarity.engine.schedulers import denoised_estimate, make_scheduler
 from clarity.engine.tiling import TilePlan, plan_tiles, tile_weight
 
 
@@ -78,8 +79,9 @@ class PassStats:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-#: Called after every denoising step with (steps done, steps in this pass).
-StepCallback = Callable[[int, int], None]
+#: Called after every denoising step with (steps done, steps in this pass, a preview of the step's
+#: estimate or None): see `TiledUpscalePipeline.denoise`.
+StepCallback = Callable[[int, int, StepPreview | None], None]
 
 
 class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
@@ -178,21 +180,12 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
         stats.tile_size = (plan.tile_width, plan.tile_height)
         stats.tile_grid = (len({t.left for t in plan.tiles}), len({t.top for t in plan.tiles}))
         stats.latent_area_ratio = plan.area_ratio
-        blend_weights = [tile_weight(tile, plan).to(self.device) for tile in plan.tiles]
 
         # 6. Denoise
         started = time.perf_counter()
-        scales = residual_scales(
-            len(self.controlnet.controlnet_down_blocks) + 1, settings.controlnet_scale, settings.controlnet_decay
+        latents = self.denoise(
+            latents, timesteps, scheduler, generator, plan, prompt_embeds, control_image, settings, stats, on_step
         )
-        step_kwargs = _generator_kwarg(scheduler, generator)
-        for index, t in enumerate(timesteps):
-            noise_pred = self.predict_noise(
-                latents, t, scheduler, plan, blend_weights, prompt_embeds, control_image, scales, settings, stats
-            )
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if on_step is not None and (index + 1) % scheduler.order == 0:
-                on_step((index + 1) // scheduler.order, stats.denoising_steps)
         stats.seconds["denoise"] = time.perf_counter() - started
 
         # 7. Decode, and crop the padding away.
@@ -253,6 +246,44 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
         latents = latents.to(device=self.device, dtype=self.unet.dtype)
         noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
         return scheduler.add_noise(latents, noise, first_timestep.repeat(latents.shape[0]))
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        scheduler,
+        generator: torch.Generator,
+        plan: TilePlan,
+        prompt_embeds: torch.Tensor,
+        control_image: torch.Tensor,
+        settings: PassSettings,
+        stats: PassStats,
+        on_step: StepCallback | None,
+    ) -> torch.Tensor:
+        """Step the whole latent through `timesteps`: blended tile predictions, one scheduler step each.
+
+        After every step `on_step` gets the steps done, the steps in the pass and a preview of the
+        step's estimate of the finished image (`engine.preview`), valid while `on_step` runs.
+        """
+        blend_weights = [tile_weight(tile, plan).to(self.device) for tile in plan.tiles]
+        scales = residual_scales(
+            len(self.controlnet.controlnet_down_blocks) + 1, settings.controlnet_scale, settings.controlnet_decay
+        )
+        step_kwargs = _generator_kwarg(scheduler, generator)
+        for index, t in enumerate(timesteps):
+            noise_pred = self.predict_noise(
+                latents, t, scheduler, plan, blend_weights, prompt_embeds, control_image, scales, settings, stats
+            )
+            output = scheduler.step(noise_pred, t, latents, **step_kwargs)
+            if on_step is not None and (index + 1) % scheduler.order == 0:
+                with step_preview(
+                    denoised_estimate(scheduler, output, noise_pred, latents), stats.output_size
+                ) as preview:
+                    on_step((index + 1) // scheduler.order, stats.denoising_steps, preview)
+            latents = output.prev_sample
+            # The step's other outputs (its x0 estimate) would otherwise live through the next step's forwards.
+            del output
+        return latents
 
     def predict_noise(
         self,

@@ -14,7 +14,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """Where a running upscale is: variant, pass and denoising step (step 0 = pass starting)."""
+    """Where a running upscale is: variant, pass and denoising step (step 0 = pass starting).
+
+    After a denoising step (step >= 1), `preview()` returns an RGB picture of what the current pass
+    is heading for: the step's estimate of the finished latent, mapped to colours without the VAE
+    (engine/preview.py), a quarter of the pass's output width and height, at most 1024 px on the
+    long side. It is made only when called, at a small fraction of a step's cost, and only while
+    the callback runs: call it there; afterwards it raises `RuntimeError`. It is None at the start
+    of a pass (step 0).
+    """
 
     variant: int
     variants: int
@@ -22,11 +30,13 @@ class ProgressEvent:
     passes: int
     step: int
     steps: int
+    #: Neither compared nor shown: an event is where the upscale is; the preview is a way to look at it.
+    preview: Callable[[], Image.Image] | None = field(default=None, compare=False, repr=False)
 
     @property
     def fraction(self) -> float:
         """Share of all denoising work done, 0..1 (passes counted as equal shares)."""
-        within_pass = self.step / self.steps if self.steps else 1.0
+        within_pass = self.step / self.steps if self.steps else 0.0  # step 0 of 0: the pass is starting
         done_passes = self.variant * self.passes + self.pass_index + within_pass
         return done_passes / (self.variants * self.passes)
 

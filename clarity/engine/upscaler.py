@@ -30,6 +30,7 @@ from clarity.engine.memory import with_memory_retries
 from clarity.engine.pipeline import PassSettings, TiledUpscalePipeline
 from clarity.engine.postprocess import color_fix, sharpen
 from clarity.engine.preupscale import PreUpscaler, PreUpscalerRegistry, lanczos
+from clarity.engine.preview import StepPreview
 from clarity.engine.results import ProgressCallback, ProgressEvent, UpscaleResult, UpscaleStats
 from clarity.engine.safety import SafetyChecker, is_installed, not_installed
 from clarity.engine.seamless import crossfade_borders, filter_periodic, resize_periodic, seam_axes, snap_to_latent_grid
@@ -191,8 +192,8 @@ class Upscaler:
         reported in `stats.seeds`. `mask` (same aspect ratio as `image`) marks what to keep:
         where it is white, or opaque if it has an alpha channel, the output is the plain
         pre-upscaled input; elsewhere the upscale adds detail, with a soft edge between.
-        `progress` is called at the start of every pass and after every denoising step; an
-        exception it raises stops the work and propagates (that is how to cancel).
+        `progress` gets a `ProgressEvent` at the start of every pass and after every denoising step (with
+        a cheap `preview()` of the work so far); an exception it raises stops the work and propagates (to cancel).
 
         When the device runs out of memory, the variant is retried with half the tile batch,
         then half the VAE tile size, and each retry is logged and listed in `stats.retries`.
@@ -301,9 +302,9 @@ class Upscaler:
 
             settings = self._pass_settings(params, pass_index=index, seed=seed + index)
 
-            def on_step(step: int, steps: int, index: int = index) -> None:
+            def on_step(step: int, steps: int, preview: StepPreview | None, index: int = index) -> None:
                 if progress is not None:
-                    progress(ProgressEvent(variant, variants, index, len(targets), step, steps))
+                    progress(ProgressEvent(variant, variants, index, len(targets), step, steps, preview))
 
             if progress is not None:
                 progress(ProgressEvent(variant, variants, index, len(targets), 0, 0))

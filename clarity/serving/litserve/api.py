@@ -60,7 +60,7 @@ class EditsLitAPI(ls.LitAPI):
                 logger.warning("request %s skipped: its client disconnected while it was queued", tags.request_id)
                 metrics.record_cancelled("queued")
                 raise client_gone()
-            return self.handler.parse(items, tags.request_id, tags.base_url, tags.received_at)
+            return self.handler.parse(items, tags.request_id, tags.base_url, tags.received_at, tags.job_id)
         except APIError as error:
             raise http_error(error) from None
 

@@ -97,6 +97,12 @@ def worker_is_ready(server: ls.LitServer, endpoint: str, worker_id: int) -> bool
     return worker_statuses(server).get(f"{endpoint}_{worker_id}") == WorkerSetupStatus.READY
 
 
+def worker_count(server: ls.LitServer) -> int:
+    """How many inference workers serve the edits: LitServe's device list (resolved from `devices` when it
+    was built; public attribute, no setter) times the workers per device."""
+    return len(server.devices) * server.workers_per_device
+
+
 def any_worker_ready(server: ls.LitServer) -> bool:
     """Whether one worker is ready (enough to queue for; the others may be restarting)."""
     return any(value == WorkerSetupStatus.READY for value in worker_statuses(server).values())
@@ -245,17 +251,20 @@ class SupervisedLitServer(ls.LitServer):
 REQUEST_ID_FIELD = "clarity_request_id"
 BASE_URL_FIELD = "clarity_base_url"
 RECEIVED_AT_FIELD = "clarity_received_at"
-TAG_FIELDS = (REQUEST_ID_FIELD, BASE_URL_FIELD, RECEIVED_AT_FIELD)
+JOB_ID_FIELD = "clarity_job_id"  # only on the runner's requests: the job whose form it is
+TAG_FIELDS = (REQUEST_ID_FIELD, BASE_URL_FIELD, RECEIVED_AT_FIELD, JOB_ID_FIELD)
 
 
 @dataclass(frozen=True)
 class Tags:
-    """What `tag_request` put in front of a form: the request id, the base URL of its result URLs, and
-    when its body started to arrive (`time.time()` in the HTTP process; the queue wait starts there)."""
+    """What `tag_request` put in front of a form: the request id, the base URL of its result URLs, when
+    its body started to arrive (`time.time()` in the HTTP process; the queue wait starts there), and
+    the job it runs, if any."""
 
     request_id: str | None = None
     base_url: str | None = None
     received_at: float | None = None
+    job_id: str | None = None
 
 
 def split_tags(items: list[tuple[str, Any]]) -> tuple[Tags, list[tuple[str, Any]]]:
@@ -267,16 +276,17 @@ def split_tags(items: list[tuple[str, Any]]) -> tuple[Tags, list[tuple[str, Any]
         values[name] = value
     received_at = values.get(RECEIVED_AT_FIELD)
     tags = Tags(values.get(REQUEST_ID_FIELD), values.get(BASE_URL_FIELD),
-                float(received_at) if received_at is not None else None)
+                float(received_at) if received_at is not None else None, values.get(JOB_ID_FIELD))
     return tags, items[len(values):]
 
 
 @contextlib.asynccontextmanager
 async def tag_request(
-    scope: Scope, receive: Receive, send: Send, base_url: str, on_disconnect: Callable[[str], None]
+    scope: Scope, receive: Receive, send: Send, base_url: str, on_disconnect: Callable[[str], None],
+    job_id: str | None = None, received_at: float | None = None,
 ) -> AsyncIterator[tuple[str, tuple[Scope, Receive, Send]]]:
-    """A fresh request id, and (scope, receive, send) for the app with the id, `base_url` and the time of
-    arrival in the body (`Tags`).
+    """A fresh request id, and (scope, receive, send) for the app with the id, `base_url`, the time of
+    arrival (`received_at`, default now) and `job_id` (the job the request runs, if any) in the body (`Tags`).
 
     LitServe 0.2.19 hands `decode_request` the parsed form and nothing else of the HTTP request,
     and cannot withdraw a queued request. So the id, and the base URL the client reached the
@@ -291,7 +301,10 @@ async def tag_request(
     `scope` must be a multipart/form-data request with a boundary.
     """
     request_id = f"req_{secrets.token_hex(16)}"  # OpenAI's shape; also a safe file name
-    tags = {REQUEST_ID_FIELD: request_id, BASE_URL_FIELD: base_url, RECEIVED_AT_FIELD: repr(time.time())}
+    tags = {REQUEST_ID_FIELD: request_id, BASE_URL_FIELD: base_url,
+            RECEIVED_AT_FIELD: repr(received_at if received_at is not None else time.time())}
+    if job_id is not None:
+        tags[JOB_ID_FIELD] = job_id
     tagged_scope, prefix = _with_form_fields(scope, tags)
     state = {"prefix_sent": False, "body_done": False, "answered": False}
     disconnected: asyncio.Future[Message] = asyncio.get_running_loop().create_future()

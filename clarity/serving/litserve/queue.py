@@ -2,7 +2,8 @@
 
 LitServe has no queue limit and cannot withdraw a queued request. `QueueBound` bounds the bodies
 being received (429 `too_many_uploads` beyond `max_uploads`) and the requests held once their
-bodies have arrived (429 `queue_full` beyond `max_queue`); it tags each request with an id and the
+bodies have arrived (429 `queue_full` beyond `max_queue`); it hands streamed edits to the API
+core (they become jobs); it tags each request with an id and the
 base URL of its result URLs (see `patches.tag_request`), and marks the id in a `CancelRegistry`
 when the client disconnects, so that workers skip the request when its turn comes, or stop it
 after the current denoising step. The counts are an `EditsInFlight`, which a shutdown also reads
@@ -17,11 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import HTTPException
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clarity.api import metrics, wire
-from clarity.api.errors import APIError
-from clarity.api.http import body_ended, json_error
+from clarity.api.errors import APIError, error_body
+from clarity.api.http import body_ended, json_error, multipart_boundary, text_field
+from clarity.errors import ParamError
+from clarity.params import parse_bool
+from clarity.serving.litserve.dispatch import JOB_SCOPE_KEY
 from clarity.serving.litserve.patches import tag_request
 
 #: Seconds a client is told to wait before retrying a full queue.
@@ -65,17 +70,20 @@ class EditsInFlight:
 
 
 class QueueBound:
-    """ASGI middleware for the edits route: each request tagged, at most `max_uploads` bodies read at
-    once, and at most `max_queue` requests held (queued or running) once their bodies have arrived.
+    """ASGI middleware for the edits route: at most `max_uploads` bodies read at once, then a streamed edit
+    (`stream=true`) handed to `streamed`, and any other request tagged and held in the queue, at most
+    `max_queue` of them (queued or running).
 
     A request takes a queue slot only when its whole body is in: clients that send headers and a
     few bytes, then stall, hold upload places (each for at most the upload timeout), never the
-    queue. Both limits are answered 429 with Retry-After, which the SDKs follow.
+    queue. Both limits are answered 429 with Retry-After, which the SDKs follow. A streamed edit
+    takes no slot: it becomes a job, whose run (the job runner's request, marked in its scope by
+    `dispatch.JOB_SCOPE_KEY`) takes one like any edit.
     """
 
     def __init__(
         self, app: ASGIApp, *, max_queue: int, max_uploads: int, cancellations: CancelRegistry,
-        base_url: Callable[[Scope], str], in_flight: EditsInFlight,
+        base_url: Callable[[Scope], str], in_flight: EditsInFlight, streamed: ASGIApp | None = None,
     ) -> None:
         self.app = app
         self.max_queue = max_queue
@@ -83,6 +91,7 @@ class QueueBound:
         self.cancellations = cancellations
         self.base_url = base_url
         self.in_flight = in_flight
+        self.streamed = streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != wire.EDITS_PATH:
@@ -93,26 +102,34 @@ class QueueBound:
             message = f"The server is busy receiving {in_flight.uploading} other uploads; retry later."
             await json_error(_busy(message, "too_many_uploads"))(scope, receive, send)
             return
+        received_at = time.time()
         # Single-threaded event loop: a check and the increment after it cannot interleave.
         in_flight.uploading += 1
         in_flight.report()
-        state = {"uploading": True, "queued": False}
-
-        async def counted_receive() -> Message:
-            message = await receive()
-            if state["uploading"] and body_ended(message):
-                state["uploading"] = False
-                in_flight.uploading -= 1
-                try:
-                    if message["type"] == "http.request":
-                        self._take_slot()
-                        state["queued"] = True
-                finally:
-                    in_flight.report()
-            return message
-
         try:
-            tags = tag_request(scope, counted_receive, send, self.base_url(scope), self.cancellations.cancel)
+            body = await _read_body(receive)
+        except HTTPException as error:  # the guard's limits, raised from its receive
+            await _answer(error)(scope, receive, send)
+            return
+        finally:
+            in_flight.uploading -= 1
+            in_flight.report()
+        if body is None:  # the client left during the upload
+            return
+        replay = _replay(body, receive)
+        job_id = scope.get(JOB_SCOPE_KEY)
+        if self.streamed is not None and job_id is None and _asks_for_stream(scope, body):
+            await self.streamed(scope, replay, send)
+            return
+        if in_flight.queued >= self.max_queue:
+            message = f"The server is busy: {in_flight.queued} requests are already queued or running; retry later."
+            await json_error(_busy(message, "queue_full"))(scope, replay, send)
+            return
+        in_flight.queued += 1
+        in_flight.report()
+        try:
+            tags = tag_request(scope, replay, send, self.base_url(scope), self.cancellations.cancel,
+                               job_id=job_id, received_at=received_at)
             async with tags as (request_id, tagged):
                 try:
                     await self.app(*tagged)
@@ -120,22 +137,54 @@ class QueueBound:
                     # By now the worker has answered (or given up on) the request.
                     self.cancellations.forget(request_id)
         finally:
-            if state["uploading"]:
-                in_flight.uploading -= 1
-            if state["queued"]:
-                in_flight.queued -= 1
+            in_flight.queued -= 1
             in_flight.last_answered = time.monotonic()
             in_flight.report()
 
-    def _take_slot(self) -> None:
-        """Count a request whose body has arrived, or refuse it (raised into the form parser, which
-        hands FastAPI's HTTPException on as it is) when the queue is full."""
-        queued = self.in_flight.queued
-        if queued >= self.max_queue:
-            message = f"The server is busy: {queued} requests are already queued or running; retry later."
-            error = _busy(message, "queue_full")
-            raise HTTPException(error.status, detail=error.body, headers=error.headers)
-        self.in_flight.queued += 1
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client disconnected first.
+
+    Read here, before the form parser, to know whether the edit is streamed; the form parser would
+    hold it in memory all the same (LitServe lifts its spooling to disk).
+    """
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if body_ended(message):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app behind: the body read already, then what the client sends next (its disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _asks_for_stream(scope: Scope, body: bytes) -> bool:
+    boundary = multipart_boundary(dict(scope["headers"]).get(b"content-type", b""))
+    value = text_field(body, boundary, "stream") if boundary else None
+    try:
+        return value is not None and parse_bool("stream", value)
+    except ParamError:  # the edit's own parsing names the field
+        return False
+
+
+def _answer(error: HTTPException) -> Response:
+    """The answer to an HTTP error raised before any route (where the app's error handlers do not reach)."""
+    detail = error.detail if isinstance(error.detail, dict) else error_body(error.status_code, str(error.detail))
+    return JSONResponse(detail, status_code=error.status_code, headers=error.headers)
 
 
 def _busy(message: str, code: str) -> APIError:

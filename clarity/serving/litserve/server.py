@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import sqlite3
 import tempfile
-from pathlib import Path
 
 from clarity.api import metrics, wire
 from clarity.api.config import ServerConfig
@@ -32,19 +32,27 @@ from clarity.api.http import (
     add_public_routes,
     install_error_handlers,
 )
+from clarity.api.job_routes import StreamedEdits, add_job_routes
+from clarity.api.jobs import SQLiteJobStore
 from clarity.api.playground import install_playground
 from clarity.api.results import LocalResultStore
+from clarity.api.runner import JobRunner
+from clarity.api.submit import JobSubmitter
+from clarity.api.webhooks import WebhookSender
 from clarity.models.catalogue import Catalogue
 from clarity.serving.litserve import patches
 from clarity.serving.litserve.api import EditsLitAPI
+from clarity.serving.litserve.dispatch import in_process_executor
 from clarity.serving.litserve.drain import Drain
 from clarity.serving.litserve.queue import CancelRegistry, EditsInFlight, QueueBound
 from clarity.serving.litserve.watchdog import RequestWatchdog
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two purges of expired url-mode results.
+#: Seconds between two purges of expired url-mode results and jobs.
 PURGE_INTERVAL = 60
+#: The job store's file in the data folder.
+JOBS_FILE = "jobs.sqlite3"
 #: LitServe's own queue deadline raises a bare 504; this is what the client reads instead.
 QUEUE_TIMEOUT = APIError(504, "The request waited too long for a free worker; retry later.", code="queue_timeout")
 
@@ -56,11 +64,13 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     """
     metrics.use_multiprocess_dir()  # before any process is started: they inherit it
     catalogue = Catalogue.discover(config.weights, models=config.models, default_model=config.default_model)
-    output_dir = config.output_dir or Path(tempfile.mkdtemp(prefix="clarity-outputs-"))
-    results = LocalResultStore(output_dir, config.result_ttl_seconds, config.max_result_bytes)
+    results = LocalResultStore(config.results_path, config.result_ttl_seconds, config.max_result_bytes)
+    jobs = SQLiteJobStore(config.data_path / JOBS_FILE, config.job_ttl_seconds, config.max_jobs,
+                          config.max_job_bytes)
+    handler = EditHandler(config, catalogue, results, jobs)
     cancellations = CancelRegistry(tempfile.mkdtemp(prefix="clarity-cancelled-"))
     server = patches.SupervisedLitServer(
-        EditsLitAPI(EditHandler(config, catalogue, results), cancellations),
+        EditsLitAPI(handler, cancellations),
         accelerator=config.accelerator,
         devices=config.devices,
         workers_per_device=config.workers_per_device,
@@ -77,17 +87,23 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
         buffer, config.queue_timeout, lambda worker_id: patches.worker_is_ready(server, endpoint, worker_id)
     )
     patches.run_beside_litserve(server, watchdog.run, name="clarity-request-watchdog")
-    patches.run_beside_litserve(server, lambda: purge_on_a_timer(results), name="clarity-result-expiry")
+    patches.run_beside_litserve(server, lambda: purge_on_a_timer(results, jobs), name="clarity-result-expiry")
     in_flight = EditsInFlight()
     drain = Drain(buffer, in_flight, config.shutdown_timeout)
     patches.run_beside_litserve(server, drain.run, name="clarity-drain")
 
     app = server.app
+    webhooks = WebhookSender(config.webhook_secret, config.webhook_allow, config.webhook_retry_seconds)
+    runner = JobRunner(jobs, in_process_executor(app, config.api_key), concurrency=patches.worker_count(server),
+                       webhooks=webhooks, stopping=lambda: drain.stopping)
+    patches.run_beside_litserve(server, runner.run, name="clarity-job-runner")
+    forwarded = ForwardedHeaders(config.forwarded_allow_ips)
+    submitter = JobSubmitter(handler, jobs, runner.wake, forwarded.base_url, webhooks)
     # Each added middleware wraps the app so far: the metrics end up outermost (they count the guard's
     # refusals), then the guard, then the queue bound.
-    forwarded = ForwardedHeaders(config.forwarded_allow_ips)
     app.add_middleware(QueueBound, max_queue=config.max_queue, max_uploads=config.max_uploads,
-                       cancellations=cancellations, base_url=forwarded.base_url, in_flight=in_flight)
+                       cancellations=cancellations, base_url=forwarded.base_url, in_flight=in_flight,
+                       streamed=StreamedEdits(submitter, jobs))
     app.add_middleware(
         GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
         upload_timeout=config.upload_timeout, ready=lambda: patches.any_worker_ready(server),
@@ -97,20 +113,25 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     app.add_middleware(metrics.HTTPMetricsMiddleware, routes=lambda: app.router.routes)
     install_error_handlers(app, plain_errors={504: QUEUE_TIMEOUT})
     add_public_routes(app, list(catalogue.models), results)
+    add_job_routes(app, submitter, jobs)
     metrics.add_metrics_route(app)
     install_playground(app)
     install_docs(app)
     return server
 
 
-async def purge_on_a_timer(results: LocalResultStore) -> None:
-    """Delete expired results every `PURGE_INTERVAL` seconds, not only when a new one is saved."""
+async def purge_on_a_timer(results: LocalResultStore, jobs: SQLiteJobStore) -> None:
+    """Delete expired results and jobs every `PURGE_INTERVAL` seconds, not only when a new result is saved."""
     while True:
         await asyncio.sleep(PURGE_INTERVAL)
         try:
             results.purge_expired()
         except OSError:  # the folder went away, or a file vanished meanwhile: the next round tries again
             logger.debug("purging expired results failed", exc_info=True)
+        try:
+            jobs.purge_expired()
+        except sqlite3.Error:  # locked for longer than its timeout: the next round tries again
+            logger.warning("purging expired jobs failed", exc_info=True)
 
 
 def serve(config: ServerConfig) -> int:
