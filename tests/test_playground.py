@@ -99,6 +99,13 @@ def field_error(page: Page, field_id: str) -> str:
     return error.inner_text()
 
 
+def screenshot(page: Page, name: str) -> None:
+    """The top of the page, in the ignored artifacts folder."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=ARTIFACTS / name)
+
+
 def run_upscale(page: Page) -> str:
     """Press Upscale and wait until the page is done with it; what its status line says then."""
     page.click("#run")
@@ -185,8 +192,7 @@ def test_upscale_a_photograph_watch_it_compare_and_download(browser, server, pho
     page.click("#advanced summary")
     page.fill("#param-num_inference_steps", "8")  # 4 denoising steps at creativity 0.5
     page.fill("#param-seed", "77")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "playground-before.png")
+    screenshot(page, "playground-before.png")
 
     status = run_upscale(page)
     assert status.startswith("Done"), (status, page.text_content("#banner"), shown_errors(page))
@@ -210,7 +216,7 @@ def test_upscale_a_photograph_watch_it_compare_and_download(browser, server, pho
         page.keyboard.press("ArrowRight")
     assert page.input_value("#slider") == "70"
     assert page.get_attribute("#before", "style") == "clip-path: inset(0px 30% 0px 0px);"
-    page.screenshot(path=ARTIFACTS / "playground-after.png")
+    screenshot(page, "playground-after.png")
 
     curl = page.text_content("#curl-code")
     python = page.text_content("#python-code")
@@ -273,6 +279,7 @@ def test_a_phone_window_needs_no_sideways_scrolling(browser, server, photo):
     page.set_input_files("#image", photo)
     page.click("#advanced summary")
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "playground-phone.png", full_page=True)
     assert problems == []
 
