@@ -11,9 +11,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, ServerProcess
 from PIL import Image
@@ -228,6 +232,12 @@ def test_upscale_a_photograph_watch_it_compare_and_download(browser, server, pho
     assert downloaded.format == "WEBP" and downloaded.size == expected
     assert download.value.suggested_filename == "chelsea_upscaled.webp"
     assert problems == []
+
+    # The copied Python code, run beside the photo, makes the same image (same seed and parameters).
+    subprocess.run([sys.executable, "-c", python], cwd=photo.parent, env={**os.environ, "CLARITY_API_KEY": KEY},
+                   check=True, timeout=120)
+    again = Image.open(photo.parent / "chelsea_upscaled.webp")
+    assert np.array_equal(np.asarray(again), np.asarray(downloaded))
 
 
 def test_a_bad_file_shows_the_servers_message_by_the_image(browser, server):

@@ -446,7 +446,7 @@ function replayFields(used) {
 
 function curlCommand(used) {
   const quote = (text) => `'${text.replaceAll("'", "'\\''")}'`;
-  const lines = [`curl ${new URL("images/edits", API)}`];
+  const lines = [`curl -sS ${new URL("images/edits", API)}`];
   if (used.hasKey) lines.push(`-H "Authorization: Bearer $CLARITY_API_KEY"`);
   lines.push(`-F image=@${quote(used.fileName)}`);
   // --form-string: a value starting with @ or < is text, not a file to attach.
@@ -567,7 +567,8 @@ function showFieldError(param, message, moveFocus) {
   field.classList.add("invalid");
   const details = field.closest("details");
   if (details) details.open = true;
-  if (moveFocus) field.querySelector("input, select, textarea")?.focus();
+  // The control holding the value (a number's box, not its slider).
+  if (moveFocus) (field.querySelector("[name]") ?? field.querySelector("input, select, textarea")).focus();
 }
 
 function clearFieldError(param) {
