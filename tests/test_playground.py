@@ -283,10 +283,20 @@ def test_every_parameter_has_a_labelled_control_and_keyboard_order_follows_the_f
     assert problems == []
 
 
-def test_a_phone_window_needs_no_sideways_scrolling(browser, server, photo):
+DROP = """async ([name, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (char) => char.charCodeAt(0));
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([bytes], name, {type: "image/jpeg"}));
+  document.getElementById("dropzone").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+}"""
+
+
+def test_a_phone_window_takes_a_dropped_image_and_needs_no_sideways_scrolling(browser, server, photo):
     page, problems = open_page(browser, server, PHONE)
     enter_key(page, KEY)
-    page.set_input_files("#image", photo)
+    page.evaluate(DROP, [photo.name, base64.b64encode(photo.read_bytes()).decode()])
+    page.locator("#image-info", has_text=f"chelsea.jpg: {PHOTO_SIZE[0]}×{PHOTO_SIZE[1]}").wait_for()
+    assert page.evaluate("document.getElementById('image').files[0].name") == photo.name
     page.click("#advanced summary")
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     ARTIFACTS.mkdir(exist_ok=True)
