@@ -16,9 +16,10 @@ const NONE = "none";
 const state = {
   /** playground/params.json: {parameters, output_formats, input_formats}. */
   description: null,
-  /** The picked image (a File) and an object URL of it. */
+  /** The picked image (a File), an object URL of it, and whether this browser can show it (not TIFF). */
   file: null,
   originalUrl: null,
+  originalShown: false,
   /** The result's object URL. */
   resultUrl: null,
   /** Aborts the running upscale (Cancel). */
@@ -102,10 +103,8 @@ function makeControl(param, id) {
     return select;
   }
   if (param.type === "string") {
-    const tag = param.max_length ? "textarea" : "input";
-    const control = element(tag, { ...common, value: param.default, spellcheck: false });
-    if (param.max_length) Object.assign(control, { maxLength: param.max_length, rows: 2 });
-    return control;
+    if (!param.max_length) return element("input", { ...common, type: "text", value: param.default, spellcheck: false });
+    return element("textarea", { ...common, value: param.default, spellcheck: false, maxLength: param.max_length, rows: 2 });
   }
   const control = element("input", { ...common, type: "number", step: "any", value: param.default ?? "" });
   control.inputMode = param.type === "integer" ? "numeric" : "decimal";
@@ -115,7 +114,7 @@ function makeControl(param, id) {
   return control;
 }
 
-/** Numbers with both bounds that are not whole numbers also get a slider, kept in step with the box. */
+/** Decimal numbers (not integers) with both bounds also get a slider, kept in step with the box. */
 function hasSlider(param) {
   return param.type === "number" && param.min !== null && param.max !== null;
 }
@@ -219,11 +218,13 @@ function pickImage(file) {
   if (state.originalUrl) URL.revokeObjectURL(state.originalUrl);
   state.file = file;
   state.originalUrl = URL.createObjectURL(file);
+  state.originalShown = false;
   const thumbnail = $("thumbnail");
   const kilobytes = `${Math.ceil(file.size / 1024)} kB`;
   thumbnail.onload = () => {
     $("image-info").textContent = `${file.name}: ${thumbnail.naturalWidth}×${thumbnail.naturalHeight}, ${kilobytes}`;
     thumbnail.hidden = false;
+    state.originalShown = true;
   };
   thumbnail.onerror = () => {
     $("image-info").textContent = `${file.name}, ${kilobytes} (this browser cannot show it; the server may read it)`;
@@ -402,6 +403,10 @@ function showResult(event, request) {
   const used = { ...request, seed: event.seed, size: event.size, outputFormat: event.output_format };
   $("after").src = state.resultUrl;
   $("before").src = state.originalUrl;
+  // Without a picture of the original (a format this browser cannot show), there is nothing to compare.
+  $("before").hidden = !state.originalShown;
+  $("divider").hidden = !state.originalShown;
+  $("slider-box").hidden = !state.originalShown;
   $("result").hidden = false;
   applyZoom();
   showSlider();
