@@ -150,6 +150,15 @@ def test_bad_submissions_are_400_naming_the_field(http, fields, param):
     assert response.json()["error"]["param"] == param
 
 
+def test_a_client_cannot_pass_its_edit_off_as_a_job(http):
+    # The runner's own requests name their job in a tag only the server sets; a form field of that
+    # name is just an unknown field.
+    response = http.post("/v1/images/edits", headers=AUTH, files={"image": ("photo.png", png(), "image/png")},
+                         data={"clarity_job_id": "job_0123", "prompt": "a photo", **FAST})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "clarity_job_id"
+
+
 def test_a_job_needs_the_key(http):
     response = http.post("/v1/jobs", files={"image": ("photo.png", png(), "image/png")})
     assert response.status_code == 401
@@ -183,8 +192,11 @@ def test_a_job_sends_its_webhooks_signed_to_a_loopback_receiver(tiny_weights, tm
     receiver = Receiver([200])
     options = {"webhook_secret": (secret,), "webhook_allow": ("127.0.0.1/32",)}
     with running_server(tiny_weights, tmp_path, api_key=KEY, **options) as http:
-        refused = submit(http, webhook_url="http://10.1.2.3/hook")  # not on the allow-list
-        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
+        for bad_url in ("http://10.1.2.3/hook", "ftp://127.0.0.1/hook", "http://user:pw@127.0.0.1/hook"):
+            refused = submit(http, webhook_url=bad_url)  # off the allow-list, not HTTP, credentials in it
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url", bad_url
+        refused = submit(http, webhook_url=receiver.url, webhook_events="finished")
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_events"
         job = submit(http, png(64, 64), webhook_url=receiver.url, webhook_events="started,progress,completed",
                      num_inference_steps="40", creativity="1.0").json()
         assert job["webhook"] == {"url": receiver.url, "events": ["started", "progress", "completed"]}
@@ -201,7 +213,21 @@ def test_a_job_sends_its_webhooks_signed_to_a_loopback_receiver(tiny_weights, tm
     assert len(set(receiver.ids())) == len(receiver.ids())  # one id per event
 
 
-# --- nothing lost: SIGKILL and start again ----------------------------------------------------------
+# --- nothing lost: a dead worker, a killed server ------------------------------------------------------
+
+
+def test_a_job_whose_worker_dies_runs_again(tiny_weights, tmp_path):
+    server = ServerProcess(tiny_weights, tmp_path / "server.log", ["--api-key", KEY])
+    try:
+        server.wait_healthy()
+        job = submit(server.http, png(64, 64), **{**SLOW, "num_inference_steps": "60"}).json()
+        wait_for(server.http, job["id"], statuses=("running",))
+        os.kill(server.inference_worker_pid(), signal.SIGKILL)
+        finished = wait_for(server.http, job["id"], seconds=300)
+        assert finished["status"] == "succeeded" and finished["attempts"] == 2, finished
+        assert result_image(finished).size == (128, 128)
+    finally:
+        server.stop()
 
 
 def test_jobs_survive_a_sigkilled_server_and_each_finishes_exactly_once(tiny_weights, tmp_path):

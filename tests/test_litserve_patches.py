@@ -32,8 +32,11 @@ def test_the_overridden_methods_keep_their_names_and_parameters():
 
 def test_the_attributes_read_and_set_exist_with_their_meaning():
     source = inspect.getsource(ls.LitServer.__init__)
-    for name in ("self.response_buffer", "self.uvicorn_graceful_timeout", "self._shutdown_event", "self.lit_api"):
+    for name in ("self.response_buffer", "self.uvicorn_graceful_timeout", "self._shutdown_event", "self.lit_api",
+                 "self.workers_per_device"):
         assert name in source, name
+    # worker_count: LitServe starts this many workers per API (the job runner keeps that many jobs in flight).
+    assert "return self.devices * wpd" in inspect.getsource(ls.LitServer._inference_workers_config_for_api)
     # `run` fills the workers list that the monitor and the shutdown walk.
     assert "self.inference_workers.extend(" in inspect.getsource(ls.LitServer.run)
     assert "timeout_graceful_shutdown=self.uvicorn_graceful_timeout" in inspect.getsource(ls.LitServer._start_server)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -61,21 +62,28 @@ def test_metrics_count_real_requests(tiny_weights, tmp_path):
         refused = http.post(EDITS, headers=AUTH, files=files, data={**FAST, "creativity": "7"})
         assert refused.status_code == 400
         assert http.get("/v1/models", headers=AUTH).status_code == 200
+        job = http.post("/v1/jobs", headers=AUTH, files={"image": ("a.png", png(24, 16), "image/png")},
+                        data={**FAST, "prompt": "x"}).json()
+        while http.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] != "succeeded":
+            time.sleep(0.2)
+        time.sleep(1.5)  # the runner counts the jobs each second
         after = scrape(http)
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert grew("clarity_http_requests_total", route=EDITS, status="200") == 2
+    assert grew("clarity_http_requests_total", route=EDITS, status="200") == 3  # the job's run too
+    assert grew("clarity_http_requests_total", route="/v1/jobs", status="202") == 1
+    assert value(after, "clarity_jobs", status="succeeded") == 1 and value(after, "clarity_jobs", status="queued") == 0
     assert grew("clarity_http_requests_total", route=EDITS, status="400") == 1
     assert grew("clarity_http_requests_total", route="/v1/models", status="200") == 1
     assert grew("clarity_http_requests_total", route=METRICS_PATH, status="401") == 1
-    assert grew("clarity_http_request_duration_seconds_count", route=EDITS) == 3
-    assert grew("clarity_edits_total", model=MODEL, status="200") == 2
+    assert grew("clarity_http_request_duration_seconds_count", route=EDITS) == 4
+    assert grew("clarity_edits_total", model=MODEL, status="200") == 3
     assert grew("clarity_edits_total", model="unknown", status="400") == 1
-    assert grew("clarity_queue_wait_seconds_count") == 3  # every request a worker took, refused or not
-    assert grew("clarity_output_images_total", model=MODEL) == 2
-    expected_mp = sum(2 * width * 2 * height for width, height in sizes) / 1e6  # each doubled
+    assert grew("clarity_queue_wait_seconds_count") == 4  # every request a worker took, refused or not
+    assert grew("clarity_output_images_total", model=MODEL) == 3
+    expected_mp = sum(2 * width * 2 * height for width, height in [*sizes, (24, 16)]) / 1e6  # each doubled
     assert grew("clarity_output_megapixels_total", model=MODEL) == pytest.approx(expected_mp)
     assert grew("clarity_denoising_steps_total", model=MODEL) >= 2  # at least one step per upscale
     assert grew("clarity_denoising_seconds_total", model=MODEL) > 0
@@ -87,7 +95,7 @@ def test_metrics_count_real_requests(tiny_weights, tmp_path):
     # (Other in-process servers of the same test session record into the same folder.)
     routes = {dict(labels).get("route") for (name, labels), sample in after.items()
               if name == "clarity_http_requests_total" and sample > before.get((name, labels), 0.0)}
-    assert routes <= {EDITS, "/v1/models", METRICS_PATH, "/health", "other"}
+    assert routes <= {EDITS, "/v1/models", METRICS_PATH, "/health", "/v1/jobs", "/v1/jobs/{job_id}", "other"}
 
 
 def test_metrics_public_needs_no_key(tiny_weights, tmp_path):

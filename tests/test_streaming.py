@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import subprocess
+import threading
 import time
 
 import httpx2 as httpx
@@ -91,20 +92,39 @@ def test_refusals_before_the_stream_are_plain_json_errors(server):
         assert json.loads(response.read())["error"]["param"] == "creativity"
 
 
-def test_a_long_stream_is_kept_alive_and_an_error_after_it_started_is_an_error_event(server):
+def read_lines(server, image: bytes, lines: list, until: str | None = None, **fields) -> None:
+    """Append (seconds since the call, line) of a streamed edit to `lines`; hang up after a line starting
+    with `until`, else read to the end."""
     started = time.monotonic()
-    client, request = sse_lines(server, png(256, 256), **LONG)
-    lines = []
+    client, request = sse_lines(server, image, **fields)
     with client, request as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             lines.append((time.monotonic() - started, line))
-    comments = [(at, line) for at, line in lines if line.startswith(":")]
-    assert comments[0][0] < 5, "the stream said nothing at first"
-    assert any(line == ": keep-alive" and 14 < at < 19 for at, line in comments), comments
-    assert [line for _, line in lines if line.startswith("event: ")] == ["event: error"]
-    error = json.loads([line for _, line in lines if line.startswith("data: ")][-1].removeprefix("data: "))
+            if until is not None and line.startswith(until):
+                return
+
+
+def test_streams_report_progress_keep_alive_while_queued_and_end_with_an_error_event(server):
+    running, queued = [], []
+    first = threading.Thread(target=read_lines, args=(server, png(256, 256), running), kwargs=LONG)
+    first.start()
+    while not any(line.startswith(": progress") for _, line in running):  # it has a worker
+        assert first.is_alive(), running
+        time.sleep(0.1)
+    # The second waits behind it (one worker): nothing to say but that it is alive.
+    read_lines(server, png(256, 256), queued, until=": keep-alive", **LONG)
+    first.join(60)
+    assert [line for _, line in queued if line] == [": queued", ": keep-alive"]
+    assert 14 < queued[-1][0] < 19
+    progress = [float(line.split()[-1]) for _, line in running if line.startswith(": progress")]
+    assert progress == sorted(progress) and 0 < progress[0] < progress[-1] < 1
+    # The first ran into the server's 20 s compute limit after its stream started: an error event.
+    assert [line for _, line in running if line.startswith("event: ")] == ["event: error"]
+    error = json.loads([line for _, line in running if line.startswith("data: ")][-1].removeprefix("data: "))
     assert error["type"] == "error" and error["error"]["code"] == "compute_timeout"
+    times = [at for at, _ in running]
+    assert max(later - earlier for earlier, later in zip(times, times[1:], strict=False)) < 15
 
 
 def test_a_client_that_hangs_up_stops_its_streamed_edit(server):

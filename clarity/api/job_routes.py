@@ -37,6 +37,8 @@ DEFAULT_PAGE, MAX_PAGE = 20, 100
 STREAM_POLL_SECONDS = 0.2
 #: A stream with nothing to say sends a comment this often, so that no client or proxy times out.
 KEEPALIVE_SECONDS = 15.0
+#: A running edit's progress is sent as a comment (`: progress 0.420`) each time it grows by this much.
+PROGRESS_COMMENT_STEP = 0.01
 #: Headers of an event stream: not cached, not buffered by proxies (nginx reads X-Accel-Buffering).
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -107,7 +109,9 @@ class StreamedEdits:
     """ASGI app for an edit with `stream=true`: a job of kind `stream`, its events relayed as they come.
 
     Refusals before the work starts are plain JSON errors; once the stream has started, the end is an
-    `image_edit.completed` per image or one `error` event. A client that disconnects cancels the job.
+    `image_edit.completed` per image or one `error` event. Between them, comment lines (which the SDKs
+    skip): `: progress <fraction>` as the work advances, `: keep-alive` when there is nothing else to
+    say for `KEEPALIVE_SECONDS`. A client that disconnects cancels the job.
     """
 
     def __init__(self, submitter: JobSubmitter, store: JobStore) -> None:
@@ -125,7 +129,7 @@ class StreamedEdits:
 
     async def _events(self, job_id: str) -> AsyncIterator[bytes]:
         yield wire.sse_comment("queued")  # the headers and a first line at once: no client waits for them
-        seen, last_sent = 0, time.monotonic()
+        seen, last_sent, progress = 0, time.monotonic(), 0.0
         try:
             while True:
                 # The state first: every preview recorded before the job ended is then sent before its end.
@@ -136,7 +140,11 @@ class StreamedEdits:
                     last_sent = time.monotonic()
                 if job is None or job.finished:
                     break
-                if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
+                if job.progress - progress >= PROGRESS_COMMENT_STEP:
+                    progress = job.progress
+                    yield wire.sse_comment(f"progress {progress:.3f}")
+                    last_sent = time.monotonic()
+                elif time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
                     yield wire.sse_comment("keep-alive")
                     last_sent = time.monotonic()
                 await asyncio.sleep(STREAM_POLL_SECONDS)

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx2 as httpx
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import Scope
 
@@ -51,7 +52,10 @@ class JobSubmitter:
         """The job for `request`'s form, and whether it is new (False: the idempotency key's earlier job).
         Every refusal is an `APIError` naming the field or header."""
         key = _idempotency_key(request)
-        form = await request.form()
+        try:
+            form = await request.form()
+        except StarletteHTTPException as error:  # a malformed multipart body, as the form parser reports it
+            raise APIError(400, str(error.detail), code="invalid_body") from None
         items = list(form.multi_items())
         own = {name: value for name, value in items if name in JOB_FIELDS} if kind == "job" else {}
         edit_items = [(name, value) for name, value in items if name not in own]

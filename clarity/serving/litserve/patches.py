@@ -99,7 +99,8 @@ def worker_is_ready(server: ls.LitServer, endpoint: str, worker_id: int) -> bool
 
 def worker_count(server: ls.LitServer) -> int:
     """How many inference workers serve the edits: LitServe's device list (resolved from `devices` when it
-    was built; public attribute, no setter) times the workers per device."""
+    was built) times the workers per device, as its private `_inference_workers_config_for_api` counts them.
+    Guarded by test_litserve_patches.py::test_the_attributes_read_and_set_exist_with_their_meaning."""
     return len(server.devices) * server.workers_per_device
 
 
@@ -251,7 +252,7 @@ class SupervisedLitServer(ls.LitServer):
 REQUEST_ID_FIELD = "clarity_request_id"
 BASE_URL_FIELD = "clarity_base_url"
 RECEIVED_AT_FIELD = "clarity_received_at"
-JOB_ID_FIELD = "clarity_job_id"  # only on the runner's requests: the job whose form it is
+JOB_ID_FIELD = "clarity_job_id"  # the job whose form it is; empty but present on every other request
 TAG_FIELDS = (REQUEST_ID_FIELD, BASE_URL_FIELD, RECEIVED_AT_FIELD, JOB_ID_FIELD)
 
 
@@ -276,7 +277,7 @@ def split_tags(items: list[tuple[str, Any]]) -> tuple[Tags, list[tuple[str, Any]
         values[name] = value
     received_at = values.get(RECEIVED_AT_FIELD)
     tags = Tags(values.get(REQUEST_ID_FIELD), values.get(BASE_URL_FIELD),
-                float(received_at) if received_at is not None else None, values.get(JOB_ID_FIELD))
+                float(received_at) if received_at is not None else None, values.get(JOB_ID_FIELD) or None)
     return tags, items[len(values):]
 
 
@@ -302,9 +303,9 @@ async def tag_request(
     """
     request_id = f"req_{secrets.token_hex(16)}"  # OpenAI's shape; also a safe file name
     tags = {REQUEST_ID_FIELD: request_id, BASE_URL_FIELD: base_url,
-            RECEIVED_AT_FIELD: repr(received_at if received_at is not None else time.time())}
-    if job_id is not None:
-        tags[JOB_ID_FIELD] = job_id
+            RECEIVED_AT_FIELD: repr(received_at if received_at is not None else time.time()),
+            # Always sent, so that a client's own field of that name can never take the tag's place.
+            JOB_ID_FIELD: job_id or ""}
     tagged_scope, prefix = _with_form_fields(scope, tags)
     state = {"prefix_sent": False, "body_done": False, "answered": False}
     disconnected: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
