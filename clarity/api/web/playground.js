@@ -12,6 +12,8 @@ const API = new URL("v1/", document.baseURI);
 const PARTIAL_IMAGES = 2;
 /** Parameters whose values the server chooses when sent as "none" (a random seed). */
 const NONE = "none";
+/** The type `serverSentEvents` gives a comment line (no event can have it: event names have no spaces). */
+const COMMENT = "(comment)";
 
 const state = {
   /** playground/params.json: {parameters, output_formats, input_formats}. */
@@ -303,15 +305,25 @@ function requestBody(request) {
 
 /** Show each event of the stream as it comes; the last is the result or an error. Whether a result came. */
 async function followStream(response, request) {
+  // The share of the work done as the bar shows it: a preview taken at 50 % may follow the comment at 51 %.
+  let done = 0;
+  const advance = (fraction) => {
+    done = Math.max(done, fraction);
+    setProgress(done);
+  };
   setProgress(0);
   setStatus("Upscaling…");
   for await (const { type, data } of serverSentEvents(response.body)) {
+    if (type === COMMENT) {
+      readComment(data, advance);
+      continue;
+    }
     const payload = JSON.parse(data);
     if (type === "error") {
       showError(payload.error, 0, true);
       return false;
     }
-    if (typeof payload.progress === "number") setProgress(payload.progress);
+    if (typeof payload.progress === "number") advance(payload.progress);
     if (type === "image_edit.partial_image") showPartial(payload);
     if (type === "image_edit.completed") {
       showResult(payload, request);
@@ -322,8 +334,19 @@ async function followStream(response, request) {
   return false;
 }
 
-/** The events of a Server-Sent Events body, as {type, data}: comment lines (keep-alives) skipped, data
- * lines joined, lines ended by CRLF, LF or CR (a CR at the end of a chunk waits for a possible LF). */
+/** Clarity's comment lines, which the SDKs skip: ": queued" first, ": progress 0.420" as the work advances
+ * (the share done, given to `advance`), ": keep-alive" when there is nothing else to say. */
+function readComment(text, advance) {
+  const [word, value] = text.trim().split(/\s+/);
+  if (word === "queued") setStatus("Waiting for a free worker…");
+  if (word === "progress" && Number.isFinite(Number(value))) {
+    setStatus("Upscaling…");
+    advance(Number(value));
+  }
+}
+
+/** The events of a Server-Sent Events body, as {type, data}, comment lines as {type: COMMENT, data: text};
+ * data lines joined, lines ended by CRLF, LF or CR (a CR at the end of a chunk waits for a possible LF). */
 async function* serverSentEvents(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let pending = "";
@@ -338,7 +361,9 @@ async function* serverSentEvents(body) {
       if (line === "") {
         if (event.data.length) yield { type: event.type || "message", data: event.data.join("\n") };
         event = { type: "", data: [] };
-      } else if (!line.startsWith(":")) {
+      } else if (line.startsWith(":")) {
+        yield { type: COMMENT, data: line.slice(1) };
+      } else {
         const [field, text] = splitField(line);
         if (field === "event") event.type = text;
         if (field === "data") event.data.push(text);
