@@ -31,6 +31,10 @@ SCHEDULER_NAMES: tuple[str, ...] = (
 #: How a pass's colours are tied to its input; see engine/postprocess.py.
 COLOR_FIX_METHODS: tuple[str, ...] = ("wavelet", "adain", "none")
 
+#: The parameters most upscales change; front ends that show few at first (the playground) keep
+#: the others under "advanced".
+COMMON_PARAMS: tuple[str, ...] = ("prompt", "scale_factor", "creativity", "resemblance", "dynamic", "sharpen", "seed")
+
 DEFAULT_PROMPT = "masterpiece, best quality, highres"
 # The original's, in A1111 weighting syntax (weight 2), which engine/prompts.py reads. The
 # original also adds LoRA tags and a negative embedding, which are files users supply.

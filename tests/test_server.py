@@ -278,7 +278,8 @@ def test_wrong_key_is_an_authentication_error(http):
 
 
 def test_every_route_but_the_open_ones_needs_the_key(http):
-    for path in ["/health", "/openapi.json", "/docs", "/redoc", "/docs/assets/swagger-ui.css"]:
+    for path in ["/health", "/openapi.json", "/docs", "/redoc", "/docs/assets/swagger-ui.css", "/",
+                 "/playground/params.json", "/playground/playground.js"]:
         assert http.get(path).status_code == 200, path
     # Every route the app has, whoever added it (LitServe, the API core), unless OPEN_PATHS names it.
     guarded = {(method, route.path) for route in http.app.routes if isinstance(route, Route)

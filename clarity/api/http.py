@@ -37,12 +37,18 @@ OPENAPI_PATH = "/openapi.json"
 DOCS_PATH = "/docs"
 REDOC_PATH = "/redoc"
 DOCS_ASSETS_PATH = "/docs/assets"
-#: Routes anyone may call; an entry ending in "/" opens every path under it. Load balancers probe
-#: /health without credentials; the docs describe only the public API and are read in a browser
-#: (which cannot send the key) before trying calls with it; the result files' unguessable names
-#: are their credential. Everything else (`/info`, which names paths of the deployment) needs the key.
+#: The playground page (api/playground.py), and its scripts, styles and parameter description.
+PLAYGROUND_PATH = "/"
+PLAYGROUND_ASSETS_PATH = "/playground"
+#: Routes anyone may call; an entry ending in "/" opens every path under it (the root excepted: it
+#: is the page alone). Load balancers probe /health without credentials; the docs and the
+#: playground hold nothing of the deployment and are opened in a browser (which cannot send the key)
+#: before trying calls with it; the result files' unguessable names are their credential.
+#: Everything else (`/info`, which names paths of the deployment, and every call the pages make)
+#: needs the key.
 OPEN_PATHS = frozenset({
     HEALTH_PATH, OPENAPI_PATH, DOCS_PATH, REDOC_PATH, DOCS_ASSETS_PATH + "/", FILES_ROUTE + "/",
+    PLAYGROUND_PATH, PLAYGROUND_ASSETS_PATH + "/",
 })
 #: What a new edit (and /health) hears while the server stops.
 NO_NEW_WORK = "The server is shutting down and takes no new requests; retry shortly."
@@ -90,8 +96,9 @@ def _first(value: str | None) -> str | None:
 
 def is_open(path: str, open_paths: Collection[str] = OPEN_PATHS) -> bool:
     """Whether `path` (a request path, or a route's path template) is served without the key: it is one
-    of `open_paths`, or lies under one that ends with "/"."""
-    return path in open_paths or any(path.startswith(entry) for entry in open_paths if entry.endswith("/"))
+    of `open_paths`, or lies under one that ends with "/" (other than the root, which opens only itself)."""
+    prefixes = (entry for entry in open_paths if entry.endswith("/") and entry != "/")
+    return path in open_paths or any(path.startswith(entry) for entry in prefixes)
 
 
 def json_error(error: APIError) -> Response:

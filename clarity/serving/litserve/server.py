@@ -4,7 +4,7 @@
 
 Around LitServe's `/v1/images/edits` (a thin LitAPI over the API core's handler) this adds
 what an OpenAI client and a shared server need: the API core's guard (bearer key on every route
-but the open ones: `/health`, result files, docs; body limits, a 503 while workers load), its error
+but the open ones: `/health`, result files, docs, the playground; body limits, a 503 while workers load), its error
 shapes and its routes (`GET /v1/models`, result files, offline `/docs` and the public API's
 `/openapi.json`, Prometheus' `/metrics`); a bounded queue (429 `queue_full`); a deadline on time
 spent queued (504 `queue_timeout`); crashed workers restarted with their running request answered 503 at once; and
@@ -34,6 +34,7 @@ from clarity.api.http import (
 )
 from clarity.api.job_routes import StreamedEdits, add_job_routes
 from clarity.api.jobs import SQLiteJobStore
+from clarity.api.playground import install_playground
 from clarity.api.results import LocalResultStore
 from clarity.api.runner import JobRunner
 from clarity.api.submit import JobSubmitter
@@ -114,6 +115,7 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     add_public_routes(app, list(catalogue.models), results)
     add_job_routes(app, submitter, jobs)
     metrics.add_metrics_route(app)
+    install_playground(app)
     install_docs(app)
     return server
 
