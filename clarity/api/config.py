@@ -13,6 +13,7 @@ from pathlib import Path
 
 from clarity import SpeedOptions
 from clarity.api.logs import DEFAULT_PROGRESS_SECONDS, LOG_LEVELS
+from clarity.api.results.s3 import S3Location, require_boto3
 from clarity.api.webhooks import MIN_SECRET_BYTES, AllowList, is_signing_secret
 from clarity.errors import ParamError, echo
 from clarity.imageio import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS
@@ -46,6 +47,18 @@ def _is_network(text: str) -> bool:
     return True
 
 
+def _check_results(location: str, output_dir: Path | None) -> None:
+    """Refuse a `--results` that is not `s3://BUCKET/PREFIX`, that comes with `--output-dir`, or whose storage
+    needs boto3 where it is not installed, with a `ParamError` naming the option."""
+    if output_dir is not None:
+        raise ParamError("results", "--output-dir names another place for url-mode results; give one of them")
+    try:
+        S3Location.parse(location)
+        require_boto3()
+    except (ValueError, ImportError) as error:
+        raise ParamError("results", str(error)) from None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """How one Clarity server runs: its models, limits, addresses and logs."""
@@ -76,12 +89,17 @@ class ServerConfig:
         " it needs the key like every other route.",
     )
     data_dir: Path | None = option(
-        None, "Where the server keeps its jobs (jobs.sqlite3) and, unless --output-dir says, its url-mode results;"
-        " they survive a restart (default: $XDG_DATA_HOME/clarity, else ~/.local/share/clarity).",
+        None, "Where the server keeps its jobs (jobs.sqlite3) and, unless --output-dir or --results says, its url-mode"
+        " results; they survive a restart (default: $XDG_DATA_HOME/clarity, else ~/.local/share/clarity).",
         env="CLARITY_DATA_DIR", metavar="DIR",
     )
     output_dir: Path | None = option(
         None, "Where url-mode results are kept (default: results/ in the data folder).", metavar="DIR"
+    )
+    results: str | None = option(
+        None, "Keep url-mode results in S3-compatible storage instead of --output-dir, so that every replica serves"
+        " every result URL; endpoint and credentials come from boto3's environment and config files (README,"
+        " Results in S3-compatible storage)", metavar="s3://BUCKET/PREFIX",
     )
     public_url: str | None = option(
         None, "Base URL of result URLs, for every client (default: the scheme and Host each request came by,"
@@ -94,8 +112,8 @@ class ServerConfig:
     )
     result_ttl_seconds: float = option(3600.0, "Seconds a url-mode result stays downloadable.", min=0)
     max_result_mb: float = option(
-        2000.0, "Disk space url-mode results may take, in MB; when full, url-mode requests get 503 storage_full"
-        " until older results expire.", min=0,
+        2000.0, "Space url-mode results may take, in MB (on disk, or under the --results prefix); when full, url-mode"
+        " requests get 503 storage_full until older results expire.", min=0,
     )
     job_ttl_seconds: float = option(
         3600.0, "Seconds a finished job (its status and result) is kept, then removed.", min=0
@@ -177,6 +195,8 @@ class ServerConfig:
                 raise ParamError(f.name, f"must be one of {', '.join(meta['choices'])}; got {echo(str(value))}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 check_range(f.name, value, meta["min"], meta["max"])
+        if self.results is not None:
+            _check_results(self.results, self.output_dir)
         for entry in self.forwarded_allow_ips:
             if entry != "*" and not _is_network(entry):
                 raise ParamError("forwarded_allow_ips", f"expected addresses, networks or *; got {echo(entry)}")

@@ -18,8 +18,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -324,9 +325,12 @@ def add_public_routes(app: FastAPI, models: Collection[str], results: ResultStor
 
     @app.get(FILES_ROUTE + "/{name}")
     async def get_file(name: str) -> Response:
-        path = results.find(name)
-        if path is None:
+        # Streamed from whichever store keeps them (a folder, a bucket every replica shares); the store's
+        # calls block, so they run in the thread pool.
+        found = await run_in_threadpool(results.find, name)
+        if found is None:
             message = "No such file; result URLs expire after an hour."
             return json_error(APIError(404, message, code="file_not_found"))
-        return FileResponse(path, media_type=media_type(name))
+        return StreamingResponse(found.chunks(), media_type=media_type(name),
+                                 headers={"Content-Length": str(found.size)})
 

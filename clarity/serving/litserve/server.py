@@ -35,7 +35,7 @@ from clarity.api.http import (
 from clarity.api.job_routes import StreamedEdits, add_job_routes
 from clarity.api.jobs import SQLiteJobStore
 from clarity.api.playground import install_playground
-from clarity.api.results import LocalResultStore
+from clarity.api.results import ResultStore, open_result_store
 from clarity.api.runner import JobRunner
 from clarity.api.submit import JobSubmitter
 from clarity.api.webhooks import WebhookSender
@@ -64,7 +64,8 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     """
     metrics.use_multiprocess_dir()  # before any process is started: they inherit it
     catalogue = Catalogue.discover(config.weights, models=config.models, default_model=config.default_model)
-    results = LocalResultStore(config.results_path, config.result_ttl_seconds, config.max_result_bytes)
+    results = open_result_store(config.results, config.results_path, config.result_ttl_seconds,
+                                config.max_result_bytes)
     jobs = SQLiteJobStore(config.data_path / JOBS_FILE, config.job_ttl_seconds, config.max_jobs,
                           config.max_job_bytes)
     handler = EditHandler(config, catalogue, results, jobs)
@@ -120,14 +121,14 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     return server
 
 
-async def purge_on_a_timer(results: LocalResultStore, jobs: SQLiteJobStore) -> None:
+async def purge_on_a_timer(results: ResultStore, jobs: SQLiteJobStore) -> None:
     """Delete expired results and jobs every `PURGE_INTERVAL` seconds, not only when a new result is saved."""
     while True:
         await asyncio.sleep(PURGE_INTERVAL)
         try:
-            results.purge_expired()
-        except OSError:  # the folder went away, or a file vanished meanwhile: the next round tries again
-            logger.debug("purging expired results failed", exc_info=True)
+            await asyncio.to_thread(results.purge_expired)  # a bucket's listing takes round trips
+        except OSError:  # the storage unreachable or refusing for now: the next round tries again
+            logger.warning("purging expired results failed", exc_info=True)
         try:
             jobs.purge_expired()
         except sqlite3.Error:  # locked for longer than its timeout: the next round tries again
