@@ -38,8 +38,11 @@ from clarity.cli.remote import RemoteError
 RETRY_WINDOW_SECONDS = 600.0
 #: Answers that mean "not now" rather than "no": retried within the window.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-#: First and longest pause between two tries of a call, when the server gives no `Retry-After`.
-FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 1.0, 30.0
+#: First and longest pause between two tries of a call, when the server gives no `Retry-After` (the longest
+#: is also how late a restarted server may be noticed).
+FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 1.0, 10.0
+#: The longest `Retry-After` followed (a full job store asks for 60 s).
+MAX_RETRY_AFTER_SECONDS = 120.0
 #: Seconds between two looks at the jobs in flight while one runs, and the longest while all are queued.
 POLL_SECONDS, MAX_QUEUED_POLL_SECONDS = 1.0, 5.0
 #: Per request: connecting, and everything else (an upload, or a result of many megabytes coming back).
@@ -180,7 +183,7 @@ class JobsClient:
 def _retry_after(response: httpx.Response) -> float | None:
     """The server's `Retry-After` in seconds (the delay form; the date form is not worth parsing here)."""
     value = response.headers.get("retry-after", "")
-    return min(float(value), MAX_RETRY_SECONDS * 4) if value.isdigit() else None
+    return min(float(value), MAX_RETRY_AFTER_SECONDS) if value.isdigit() else None
 
 
 def _status_message(response: httpx.Response) -> str:
