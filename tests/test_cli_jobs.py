@@ -95,12 +95,17 @@ def test_a_batch_runs_as_jobs_at_most_concurrency_at_once_and_leaves_none_behind
         return submit(client, request)
 
     monkeypatch.setattr(JobsClient, "submit", counting_submit)
-    code = main(upscale_args(source, tmp_path / "results", server.url, *FAST, "--concurrency", "2", "--seed", "3"))
+    mask = tmp_path / "keep-all.png"
+    Image.new("L", (40, 32), 255).save(mask)  # white: keep everything, so each result is its input resized
+    code = main(upscale_args(source, tmp_path / "results", server.url, *FAST, "--concurrency", "2", "--seed", "3",
+                             "--mask", str(mask)))
     out = capsys.readouterr()
     assert code == 1, out
     assert "done: 4 written, 0 skipped, 1 failed" in out.out and "seed 3" in out.out
     assert "bad.png: server answered 400: image" in out.err  # refused at submission, the batch went on
     assert sizes(tmp_path / "results") == {f"{name}.png": (80, 64) for name in "abcd"}
+    with Image.open(source / "c.png") as image, Image.open(tmp_path / "results" / "c.png") as result:
+        assert result.tobytes() == image.resize((80, 64), Image.Resampling.LANCZOS).tobytes()  # the mask travelled
     assert len(on_server_at_submission) == 5 and max(on_server_at_submission) <= 1  # never a third job
     assert server_jobs(server) == []  # each job deleted once its result was written (or its refusal reported)
 
