@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -23,10 +22,7 @@ from clarity import SpeedOptions
 from clarity.api.config import ServerConfig
 from clarity.cli.batch import Job, plan_jobs, write_atomically
 from clarity.cli.options import add_option_flags, add_param_flags, options_from_args, param_texts
-from clarity.cli.remote import RemoteError
-
-if TYPE_CHECKING:
-    from clarity.cli.remote import RemoteUpscaler
+from clarity.cli.remote import RemoteError, RemoteUpscaler
 from clarity.errors import ClarityError, ParamError
 from clarity.imageio import FORMAT_ALIASES, OUTPUT_FORMATS
 from clarity.params import UpscaleParams
@@ -188,7 +184,6 @@ def _run_remote(args: argparse.Namespace, params: UpscaleParams, todo: list[Job]
                 interactive: bool) -> list[Path]:
     """Check the server once, then have it upscale `todo`: as jobs, or as edit requests (with a notice) if it
     has no jobs API. Returns the sources that failed."""
-    from clarity.cli.remote import RemoteUpscaler
     from clarity.cli.remote_jobs import JobsClient, run_jobs
 
     # Only what the user set travels (the rest are the server's defaults, which are the same),
