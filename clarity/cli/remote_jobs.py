@@ -40,7 +40,7 @@ RETRY_WINDOW_SECONDS = 600.0
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 #: First and longest pause between two tries of a call, when the server gives no `Retry-After` (the longest
 #: is also how late a restarted server may be noticed).
-FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 1.0, 10.0
+FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 1.0, 5.0
 #: The longest `Retry-After` followed (a full job store asks for 60 s).
 MAX_RETRY_AFTER_SECONDS = 120.0
 #: Seconds between two looks at the jobs in flight while one runs, and the longest while all are queued.
