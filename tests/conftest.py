@@ -118,10 +118,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python server.py ...options` on 127.0.0.1, its output in a log file."""
+    """`python server.py ...options` on 127.0.0.1, its output in a log file; on a free port, or on `port` (a
+    test that restarts a server gives it its predecessor's, so that its clients find it again)."""
 
-    def __init__(self, weights: Path, log: Path, options: list[str]) -> None:
-        self.port = free_port()
+    def __init__(self, weights: Path, log: Path, options: list[str], port: int | None = None) -> None:
+        self.port = port or free_port()
         self.log = log
         self.url = f"http://127.0.0.1:{self.port}"
         if "--data-dir" not in options:  # its own job store, unless a test restarts a server on one

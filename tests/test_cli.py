@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from conftest import make_test_image
@@ -140,7 +141,9 @@ def test_a_batch_can_run_on_a_server(tiny_weights, tmp_path, tmp_path_factory, c
         out = capsys.readouterr()
         assert code == 1, out
         assert "done: 2 written, 0 skipped, 1 failed" in out.out
-        assert "huge.png: server answered 400: scale_factor: the output would be 6000x6000" in out.err
+        # Checked when the job runs (the image's size is known then): the job fails, naming the field.
+        assert re.search(r"huge.png: job job_\w+ failed on the server: scale_factor: the output would be 6000x6000",
+                         out.err), out.err
         assert "seed 5" in out.out  # the parameters travelled
         with Image.open(results / "a.webp") as result:
             assert (result.format, result.size) == ("WEBP", (40, 32))

@@ -1,7 +1,10 @@
 """`clarity upscale --server URL`: the same command, with the work done by a Clarity server.
 
-Requests go through the official `openai` SDK, as any app's would, so a batch gets its retries
-for free: a 429 (queue full), 503 (model loading, worker restarted) or 408 is retried after the
+`RemoteUpscaler.check` asks the server, through the official `openai` SDK, whether it answers,
+takes the key and serves the model, before any image. The images then go as async jobs
+(remote_jobs.py); to a server without the jobs API (an older Clarity, another OpenAI-compatible
+server), as edit requests through the SDK (`RemoteUpscaler.upscale`), which gets its retries for
+free: a 429 (queue full), 503 (model loading, worker restarted) or 408 is retried after the
 server's `Retry-After`; a 500 is not (the server says `x-should-retry: false`). A 4xx names
 the field, and is reported for that image alone.
 """

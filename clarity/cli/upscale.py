@@ -22,7 +22,7 @@ from clarity import SpeedOptions
 from clarity.api.config import ServerConfig
 from clarity.cli.batch import Job, plan_jobs, write_atomically
 from clarity.cli.options import add_option_flags, add_param_flags, options_from_args, param_texts
-from clarity.cli.remote import RemoteError
+from clarity.cli.remote import RemoteError, RemoteUpscaler
 from clarity.errors import ClarityError, ParamError
 from clarity.imageio import FORMAT_ALIASES, OUTPUT_FORMATS
 from clarity.params import UpscaleParams
@@ -48,8 +48,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                               " machine; --weights, --device and the speed flags are then the server's.")
     upscale.add_argument("--api-key", default=None, help="The server's API key (default: $CLARITY_API_KEY).")
     upscale.add_argument("--concurrency", type=int, default=2,
-                         help="With --server, images in flight at once (default: 2, so the server's queue"
-                              " never runs dry between images).")
+                         help="With --server, images on the server at once, as jobs queued or running"
+                              " (default: 2, so the server's queue never runs dry between images).")
     add_option_flags(upscale, ServerConfig, only=("weights",))
     upscale.add_argument("--model", default=None,
                          help="Model id in the weights root (default: clarity-upscaler if present, else the first).")
@@ -85,11 +85,14 @@ def run(args: argparse.Namespace) -> int:
         # lines (the tiny model's warning, memory retries) are written above a bar, never into it.
         interactive = sys.stderr.isatty()
         with _warnings_on_stderr(), logging_redirect_tqdm(loggers=[logging.getLogger("clarity")]):
-            produce = _remote_producer(args, params) if args.server else _local_producer(args, params)
-            if single:
-                _write(todo[0], produce, show_steps=interactive)
-                return 0
-            failed = _run_batch(todo, produce, args.concurrency if args.server else 1, interactive)
+            if args.server:
+                failed = _run_remote(args, params, todo, single, interactive)
+            elif single:
+                _write(todo[0], _local_producer(args, params), show_steps=interactive)
+            else:
+                failed = _run_batch(todo, _local_producer(args, params), 1, interactive)
+        if single:
+            return 1 if failed else 0
     print(f"done: {len(todo) - len(failed)} written, {len(jobs) - len(todo) - len(missing)} skipped,"
           f" {len(missing) + len(failed)} failed")
     for source in [*missing, *failed]:
@@ -177,16 +180,46 @@ def _local_producer(args: argparse.Namespace, params: UpscaleParams) -> Producer
     return produce
 
 
-def _remote_producer(args: argparse.Namespace, params: UpscaleParams) -> Producer:
-    """Check the server once; return the producer that has it upscale."""
-    from clarity.cli.remote import RemoteUpscaler
+def _run_remote(args: argparse.Namespace, params: UpscaleParams, todo: list[Job], single: bool,
+                interactive: bool) -> list[Path]:
+    """Check the server once, then have it upscale `todo`: as jobs, or as edit requests (with a notice) if it
+    has no jobs API. Returns the sources that failed."""
+    from clarity.cli.remote_jobs import JobsClient, run_jobs
 
     # Only what the user set travels (the rest are the server's defaults, which are the same),
     # but always a prompt: OpenAI's `prompt` is required, and an empty one would mean "none".
     fields = {name: text for name, text in param_texts(args).items() if text is not None}
     fields.setdefault("prompt", params.prompt)
-    remote = RemoteUpscaler(args.server, args.api_key or os.environ.get("CLARITY_API_KEY"), args.model)
+    api_key = args.api_key or os.environ.get("CLARITY_API_KEY")
+    remote = RemoteUpscaler(args.server, api_key, args.model)
     remote.check()  # a wrong URL, key or model fails once, not once per image
+    jobs = JobsClient(args.server, api_key)
+    if jobs.available():
+        form = {**fields, "response_format": "b64_json", **({"model": args.model} if args.model else {}),
+                **({"output_compression": str(args.quality)} if args.quality is not None else {})}
+        return run_jobs(jobs, todo, form, _read_mask(args.mask), args.concurrency, interactive)
+    jobs.close()
+    print(f"notice: {args.server} has no jobs API (/v1/jobs): each image goes as one edit request instead,"
+          " and a server restart loses the images in flight (run the command again to redo them)")
+    produce = _edits_producer(remote, fields, args)
+    if single:
+        _write(todo[0], produce)
+        return []
+    return _run_batch(todo, produce, args.concurrency, interactive)
+
+
+def _read_mask(mask: Path | None) -> bytes | None:
+    """The mask file's bytes, sent with every image; None without one."""
+    if mask is None:
+        return None
+    try:
+        return mask.read_bytes()
+    except OSError as error:
+        raise ParamError("mask", f"{mask}: {error.strerror}") from None
+
+
+def _edits_producer(remote: RemoteUpscaler, fields: dict[str, str], args: argparse.Namespace) -> Producer:
+    """The producer that sends each image as one `POST /v1/images/edits` (a server without jobs)."""
 
     def produce(job: Job, show_steps: bool) -> tuple[bytes, str]:
         started = time.perf_counter()
