@@ -15,7 +15,8 @@ import pytest
 from conftest import ServerProcess, make_test_image, running_server
 from PIL import Image
 
-from clarity.api.jobs import IdempotencyConflict, JobsFull, NewJob, SQLiteJobStore, WrongState
+from clarity.api.jobs import IdempotencyConflict, JobsFull, NewJob, WrongState
+from clarity.api.sqlite_jobs import SQLiteJobStore
 
 KEY = "sk-jobs-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -19,6 +19,7 @@ import logging
 import shutil
 import sqlite3
 import tempfile
+from collections.abc import Callable
 
 from clarity.api import metrics, wire
 from clarity.api.config import ServerConfig
@@ -33,10 +34,10 @@ from clarity.api.http import (
     install_error_handlers,
 )
 from clarity.api.job_routes import StreamedEdits, add_job_routes
-from clarity.api.jobs import SQLiteJobStore
 from clarity.api.playground import install_playground
 from clarity.api.results import ResultStore, open_result_store
 from clarity.api.runner import JobRunner
+from clarity.api.sqlite_jobs import SQLiteJobStore
 from clarity.api.submit import JobSubmitter
 from clarity.api.webhooks import WebhookSender
 from clarity.models.catalogue import Catalogue
@@ -94,12 +95,8 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     patches.run_beside_litserve(server, drain.run, name="clarity-drain")
 
     app = server.app
-    webhooks = WebhookSender(config.webhook_secret, config.webhook_allow, config.webhook_retry_seconds)
-    runner = JobRunner(jobs, in_process_executor(app, config.api_key), concurrency=patches.worker_count(server),
-                       webhooks=webhooks, stopping=lambda: drain.stopping)
-    patches.run_beside_litserve(server, runner.run, name="clarity-job-runner")
     forwarded = ForwardedHeaders(config.forwarded_allow_ips)
-    submitter = JobSubmitter(handler, jobs, runner.wake, forwarded.base_url, webhooks)
+    submitter = _start_job_runner(server, config, handler, jobs, forwarded, stopping=lambda: drain.stopping)
     # Each added middleware wraps the app so far: the metrics end up outermost (they count the guard's
     # refusals), then the guard, then the queue bound.
     app.add_middleware(QueueBound, max_queue=config.max_queue, max_uploads=config.max_uploads,
@@ -119,6 +116,19 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     install_playground(app)
     install_docs(app)
     return server
+
+
+def _start_job_runner(
+    server: patches.SupervisedLitServer, config: ServerConfig, handler: EditHandler, jobs: SQLiteJobStore,
+    forwarded: ForwardedHeaders, stopping: Callable[[], bool],
+) -> JobSubmitter:
+    """Run the jobs beside LitServe (one in flight per inference worker, each through the app's own edits
+    route), with their webhooks; return what submits new ones."""
+    webhooks = WebhookSender(config.webhook_secret, config.webhook_allow, config.webhook_retry_seconds)
+    runner = JobRunner(jobs, in_process_executor(server.app, config.api_key),
+                       concurrency=patches.worker_count(server), webhooks=webhooks, stopping=stopping)
+    patches.run_beside_litserve(server, runner.run, name="clarity-job-runner")
+    return JobSubmitter(handler, jobs, runner.wake, forwarded.base_url, webhooks)
 
 
 async def purge_on_a_timer(results: ResultStore, jobs: SQLiteJobStore) -> None:
