@@ -17,7 +17,8 @@ from clarity.errors import ParamError, echo
 from clarity.options import option
 from clarity.params import check_range
 
-#: `--ray` without an address: start a Ray cluster on this machine for the server's lifetime.
+#: `--ray` without an address: start a Ray cluster on this machine for the server's lifetime (Ray's own word
+#: for it, as "auto" is for the cluster this machine belongs to).
 LOCAL_CLUSTER = "local"
 #: Ray's names of its own resources; any other name is a custom resource (`ray start --resources`).
 GPU, CPU = "GPU", "CPU"

@@ -31,7 +31,7 @@ from clarity.api.handler import EditHandler
 from clarity.api.results import LocalResultStore
 from clarity.errors import ClarityError
 from clarity.models.catalogue import Catalogue
-from clarity.serving.ray.config import LOCAL_CLUSTER, RayConfig
+from clarity.serving.ray.config import RayConfig
 from clarity.serving.ray.ingress import Ingress
 from clarity.serving.ray.jobs import JOBS_ACTOR, NAMESPACE, JobsActor, RayJobStore
 from clarity.serving.ray.upscaler import UpscalerReplica
@@ -55,7 +55,7 @@ def serve_on_ray(config: ServerConfig, ray_config: RayConfig) -> int:
     """Deploy the API core on the cluster of `ray_config`, serve until stopped, remove it; the exit code."""
     config = dataclasses.replace(config, weights=config.weights.resolve(), data_dir=config.data_path.resolve(),
                                  output_dir=config.results_path.resolve())
-    ray.init(address=None if ray_config.address == LOCAL_CLUSTER else ray_config.address)
+    ray.init(address=ray_config.address)  # Ray's own words: "local" starts a cluster, "auto" finds this machine's
     try:
         jobs_actor = _start_jobs_actor(config, ray_config)
         try:
@@ -123,7 +123,9 @@ def build_application(config: ServerConfig, ray_config: RayConfig, catalogue: Ca
     )
     ingress = serve.deployment(
         serve.ingress()(Ingress), name=INGRESS, num_replicas=ray_config.ingress_replicas,
-        ray_actor_options={"resources": {head_resource(): HEAD_SHARE}}, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        # No CPU reserved: it only forwards, and the CPUs are for the replicas (--replica-resource CPU=N).
+        ray_actor_options={"num_cpus": 0, "resources": {head_resource(): HEAD_SHARE}},
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
         graceful_shutdown_timeout_s=config.shutdown_timeout,
     )
     return ingress.bind(handler, upscaler.bind(handler, ray_config.device(config.accelerator)), jobs)
