@@ -6,9 +6,10 @@
 It connects to the cluster (or starts one on this machine), creates the job actor (jobs.py) and
 deploys the Serve application `APP_NAME`: the ingress on the head node, the upscaler replicas where
 the replica resource is. It then waits for SIGINT or SIGTERM, stops starting jobs, deletes the
-application (Ray Serve lets running edits finish within `--shutdown-timeout`) and kills the job actor;
-queued jobs wait in the data folder for the next start. Paths are made absolute here, as every node
-reads them: weights and the data folder must exist at the same paths on the nodes that use them.
+application (Ray Serve lets running edits finish within `--shutdown-timeout`), stops Ray Serve if it
+started it, and kills the job actor; queued jobs wait in the data folder for the next start. Paths are
+made absolute here, as every node reads them: weights and the data folder must exist at the same paths
+on the nodes that use them.
 """
 
 from __future__ import annotations
@@ -58,17 +59,33 @@ def serve_on_ray(config: ServerConfig, ray_config: RayConfig) -> int:
     ray.init(address=ray_config.address)  # Ray's own words: "local" starts a cluster, "auto" finds this machine's
     try:
         jobs_actor = _start_jobs_actor(config, ray_config)
+        owns_serve = not _serve_is_running()
         try:
-            _deploy(config, ray_config)
+            _deploy(config, ray_config, owns_serve)
             _wait_for_stop()
             ray.get(jobs_actor.stop_dispatching.remote())
         finally:
-            with contextlib.suppress(Exception):  # nothing deployed yet, or the cluster is gone already
-                serve.delete(APP_NAME)
+            _undeploy(owns_serve)
             ray.kill(jobs_actor)
     finally:
         ray.shutdown()
     return 0
+
+
+def _serve_is_running() -> bool:
+    """Whether Ray Serve already runs on the cluster: it has proxies or applications (without either, its
+    status is empty)."""
+    status = serve.status()
+    return bool(status.proxies or status.applications)
+
+
+def _undeploy(owns_serve: bool) -> None:
+    """Delete the application (running edits get --shutdown-timeout), then Ray Serve itself if this command
+    started it and no other application has come to use it."""
+    with contextlib.suppress(Exception):  # nothing deployed yet, or the cluster is gone already
+        serve.delete(APP_NAME)
+        if owns_serve and not serve.status().applications:
+            serve.shutdown()
 
 
 def head_resource() -> str:
@@ -131,11 +148,16 @@ def build_application(config: ServerConfig, ray_config: RayConfig, catalogue: Ca
     return ingress.bind(handler, upscaler.bind(handler, ray_config.device(config.accelerator)), jobs)
 
 
-def _deploy(config: ServerConfig, ray_config: RayConfig) -> None:
-    """Start Serve's proxies on `--host`/`--port` (unless Serve already runs on the cluster: then its own
-    settings stay) and deploy the application; return once every replica is up."""
+def _deploy(config: ServerConfig, ray_config: RayConfig, owns_serve: bool) -> None:
+    """Start Ray Serve with its proxies on `--host`/`--port` if it does not run yet (`owns_serve`), and deploy
+    the application; return once every replica is up."""
     catalogue = Catalogue.discover(config.weights, models=config.models, default_model=config.default_model)
-    serve.start(proxy_location=ray_config.proxy_location, http_options={"host": config.host, "port": config.port})
+    if owns_serve:
+        serve.start(proxy_location=ray_config.proxy_location, http_options={"host": config.host, "port": config.port})
+    else:
+        logger.warning("Ray Serve already runs on this cluster: its proxies keep the host, port and location they"
+                       " were started with, whatever --host, --port and --proxy-location say (serve shutdown"
+                       " stops them, and every application they serve)")
     try:
         serve.run(build_application(config, ray_config, catalogue), name=APP_NAME, route_prefix="/")
     except RuntimeError as error:  # Serve's report that a deployment failed (its replicas' logs say why)
