@@ -81,6 +81,12 @@ def test_a_cluster_flag_without_ray_is_refused_before_anything_starts(tmp_path, 
     assert "--replicas places the server on a Ray cluster: add --ray" in capsys.readouterr().err
 
 
+def test_a_litserve_worker_flag_with_ray_is_refused_naming_the_replica_flags(tmp_path, capsys):
+    assert main(["serve", "--weights", str(tmp_path), "--ray", "--workers-per-device", "2"]) == 2
+    assert "--workers-per-device places LitServe's workers on one machine" in capsys.readouterr().err
+    assert ray_config("--ray", "--devices", "auto").address == "local"  # the default is no mistake
+
+
 def test_serve_with_ray_hands_both_configs_to_the_ray_driver(tiny_weights, monkeypatch):
     pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
     from clarity.serving.ray import server

@@ -22,6 +22,8 @@ from clarity.serving.ray.config import LOCAL_CLUSTER, RayConfig
 DESCRIPTION = "Serve the OpenAI-compatible API (POST /v1/images/edits)."
 #: The `RayConfig` fields that are flags of their own (the address is `--ray`'s value).
 RAY_FLAGS = tuple(f.name for f in dataclasses.fields(RayConfig) if f.name != "address")
+#: `ServerConfig` fields that place LitServe's workers; on a cluster, `RayConfig`'s replica options do.
+LITSERVE_ONLY = ("devices", "workers_per_device")
 RAY_HELP = ("Serve on a Ray cluster with Ray Serve (needs pip install 'clarity-upscaler[ray]'): auto (the cluster this"
             " machine belongs to), HOST:PORT of its head, or nothing to start a cluster on this machine.")
 
@@ -64,14 +66,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def ray_config_from_args(args: argparse.Namespace) -> RayConfig | None:
-    """The cluster's options with `--ray`, else None; a `ParamError` for a cluster flag given without `--ray`."""
+    """The cluster's options with `--ray`, else None; a `ParamError` for a cluster flag given without `--ray`,
+    or for a flag of LitServe's workers given with it."""
     if args.address is not None:
+        _refuse_given(args, ServerConfig, LITSERVE_ONLY, "places LitServe's workers on one machine; on a Ray"
+                      " cluster, --replica-resource and --replicas place the upscaler replicas")
         return options_from_args(RayConfig, args)
-    for f in dataclasses.fields(RayConfig):
-        if f.name in RAY_FLAGS and getattr(args, f.name) != f.default:
-            flag = flag_names(f)[0]
-            raise ParamError(f.name, f"{flag} places the server on a Ray cluster: add --ray [ADDRESS]")
+    _refuse_given(args, RayConfig, RAY_FLAGS, "places the server on a Ray cluster: add --ray [ADDRESS]")
     return None
+
+
+def _refuse_given(args: argparse.Namespace, cls: type, names: tuple[str, ...], why: str) -> None:
+    """A `ParamError` for the first field of `cls` among `names` whose flag was given a value but its default."""
+    for f in dataclasses.fields(cls):
+        if f.name in names and getattr(args, f.name) != f.default:
+            raise ParamError(f.name, f"{flag_names(f)[0]} {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
