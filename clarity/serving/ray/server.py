@@ -60,9 +60,11 @@ def serve_on_ray(config: ServerConfig, ray_config: RayConfig) -> int:
     try:
         jobs_actor = _start_jobs_actor(config, ray_config)
         owns_serve = not _serve_is_running()
+        stop = _stop_on_signals()  # before deploying, which takes as long as loading the models
         try:
             _deploy(config, ray_config, owns_serve)
-            _wait_for_stop()
+            stop.wait()
+            logger.info("stopping: running edits get up to --shutdown-timeout to finish")
             ray.get(jobs_actor.stop_dispatching.remote())
         finally:
             _undeploy(owns_serve)
@@ -162,21 +164,22 @@ def _deploy(config: ServerConfig, ray_config: RayConfig, owns_serve: bool) -> No
         serve.run(build_application(config, ray_config, catalogue), name=APP_NAME, route_prefix="/")
     except RuntimeError as error:  # Serve's report that a deployment failed (its replicas' logs say why)
         raise ClarityError(f"deploying on the Ray cluster failed: {error}") from None
-    logger.info("serving %s (default %s) on http://%s:%d through Ray Serve", ", ".join(catalogue.models),
-                catalogue.default_model, config.host, config.port)
+    where = f"http://{config.host}:{config.port}" if owns_serve else "the cluster's Ray Serve proxies"
+    logger.info("serving %s (default %s) on %s through Ray Serve", ", ".join(catalogue.models),
+                catalogue.default_model, where)
     if not config.api_key:
         logger.warning("no API key set (--api-key or CLARITY_API_KEY): anyone who can reach the port can use it")
 
 
-def _wait_for_stop() -> None:
-    """Block until SIGINT or SIGTERM. A second Ctrl-C stops at once (KeyboardInterrupt: exit code 130)."""
+def _stop_on_signals() -> threading.Event:
+    """An event set by the first SIGINT or SIGTERM; a second Ctrl-C stops at once (KeyboardInterrupt: exit
+    code 130)."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        logger.info("stopping: running edits get up to --shutdown-timeout to finish")
         signal.signal(signal.SIGINT, signal.default_int_handler)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stop.wait()
+    return stop
