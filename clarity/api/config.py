@@ -136,7 +136,8 @@ class ServerConfig:
     )
     max_queue: int = option(
         16, "Edit requests held at once (queued or running, counted once their bodies have arrived) per HTTP"
-        " process before answering 429 queue_full.", min=1,
+        " process before answering 429 queue_full; with --ray, edits waiting for a free upscaler replica, per"
+        " ingress replica (Ray Serve's max_queued_requests).", min=1,
     )
     max_uploads: int = option(
         64, "Request bodies received at once per HTTP process before answering 429 too_many_uploads; each may"

@@ -162,6 +162,36 @@ def body_ended(message: Message) -> bool:
     return message["type"] != "http.request" or not message.get("more_body", False)
 
 
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client disconnected first.
+
+    A runtime reads it before the form parser to know whether the edit is streamed
+    (`job_routes.asks_for_stream`); the form parser would hold it in memory all the same.
+    """
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if body_ended(message):
+            return b"".join(chunks)
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app behind: the body read already, then what the client sends next (its disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class GuardMiddleware:
     """Auth, body size and upload time limits, readiness and content type, checked before any route.
 

@@ -24,9 +24,11 @@ from starlette.types import Receive, Scope, Send
 
 from clarity.api import wire
 from clarity.api.errors import APIError, invalid
-from clarity.api.http import json_error
+from clarity.api.http import json_error, multipart_boundary, text_field
 from clarity.api.jobs import JobNotFound, JobStore, WrongState
 from clarity.api.submit import JobSubmitter
+from clarity.errors import ParamError
+from clarity.params import parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,16 @@ def add_job_routes(app: FastAPI, submitter: JobSubmitter, store: JobStore) -> No
         except WrongState as error:
             return json_error(wrong_state(error, "job_not_finished"))
         return JSONResponse({"id": job_id, "object": "job.deleted", "deleted": True})
+
+
+def asks_for_stream(scope: Scope, body: bytes) -> bool:
+    """Whether an edit's multipart `body` says `stream=true`: a runtime hands such requests to `StreamedEdits`."""
+    boundary = multipart_boundary(dict(scope["headers"]).get(b"content-type", b""))
+    value = text_field(body, boundary, "stream") if boundary else None
+    try:
+        return value is not None and parse_bool("stream", value)
+    except ParamError:  # the edit's own parsing names the field
+        return False
 
 
 class StreamedEdits:

@@ -36,6 +36,11 @@ class JobsFull(Exception):
         super().__init__(message)
         self.limit = limit
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Rebuilt from its own arguments (the default would pass the message alone): a store shared
+        # across processes (a Ray actor) raises it in one and its caller catches it in another.
+        return type(self), (self.limit, str(self))
+
 
 class IdempotencyConflict(Exception):
     """The idempotency key was used before with another request body."""
@@ -51,6 +56,9 @@ class WrongState(Exception):
     def __init__(self, job: Job, message: str) -> None:
         super().__init__(message)
         self.job = job
+
+    def __reduce__(self) -> tuple[type, tuple[Job, str]]:
+        return type(self), (self.job, str(self))  # picklable, as `JobsFull`
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from clarity.api.config import ServerConfig
 from clarity.api.jobs import (
     JOB_STATUSES,
     STREAM_LOST,
@@ -31,6 +32,16 @@ from clarity.api.jobs import (
     WrongState,
     cancelled_error,
 )
+
+#: The job store's file in a server's data folder.
+JOBS_FILE = "jobs.sqlite3"
+
+
+def open_job_store(config: ServerConfig) -> SQLiteJobStore:
+    """A server's job store: `JOBS_FILE` in its data folder, under its limits."""
+    return SQLiteJobStore(config.data_path / JOBS_FILE, config.job_ttl_seconds, config.max_jobs,
+                          config.max_job_bytes)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -19,13 +19,12 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clarity.api import metrics, wire
 from clarity.api.errors import APIError, error_body
-from clarity.api.http import body_ended, json_error, multipart_boundary, text_field
-from clarity.errors import ParamError
-from clarity.params import parse_bool
+from clarity.api.http import json_error, read_body, replay_body
+from clarity.api.job_routes import asks_for_stream
 from clarity.serving.litserve.dispatch import JOB_SCOPE_KEY
 from clarity.serving.litserve.patches import tag_request
 
@@ -107,7 +106,7 @@ class QueueBound:
         in_flight.uploading += 1
         in_flight.report()
         try:
-            body = await _read_body(receive)
+            body = await read_body(receive)
         except HTTPException as error:  # the guard's limits, raised from its receive
             await _answer(error)(scope, receive, send)
             return
@@ -116,9 +115,9 @@ class QueueBound:
             in_flight.report()
         if body is None:  # the client left during the upload
             return
-        replay = _replay(body, receive)
+        replay = replay_body(body, receive)
         job_id = scope.get(JOB_SCOPE_KEY)
-        if self.streamed is not None and job_id is None and _asks_for_stream(scope, body):
+        if self.streamed is not None and job_id is None and asks_for_stream(scope, body):
             await self.streamed(scope, replay, send)
             return
         if in_flight.queued >= self.max_queue:
@@ -140,45 +139,6 @@ class QueueBound:
             in_flight.queued -= 1
             in_flight.last_answered = time.monotonic()
             in_flight.report()
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None if the client disconnected first.
-
-    Read here, before the form parser, to know whether the edit is streamed; the form parser would
-    hold it in memory all the same (LitServe lifts its spooling to disk).
-    """
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunks.append(message.get("body", b""))
-        if body_ended(message):
-            return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """`receive` for the app behind: the body read already, then what the client sends next (its disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-def _asks_for_stream(scope: Scope, body: bytes) -> bool:
-    boundary = multipart_boundary(dict(scope["headers"]).get(b"content-type", b""))
-    value = text_field(body, boundary, "stream") if boundary else None
-    try:
-        return value is not None and parse_bool("stream", value)
-    except ParamError:  # the edit's own parsing names the field
-        return False
 
 
 def _answer(error: HTTPException) -> Response:

@@ -37,7 +37,7 @@ from clarity.api.job_routes import StreamedEdits, add_job_routes
 from clarity.api.playground import install_playground
 from clarity.api.results import ResultStore, open_result_store
 from clarity.api.runner import JobRunner
-from clarity.api.sqlite_jobs import SQLiteJobStore
+from clarity.api.sqlite_jobs import SQLiteJobStore, open_job_store
 from clarity.api.submit import JobSubmitter
 from clarity.api.webhooks import WebhookSender
 from clarity.models.catalogue import Catalogue
@@ -52,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two purges of expired url-mode results and jobs.
 PURGE_INTERVAL = 60
-#: The job store's file in the data folder.
-JOBS_FILE = "jobs.sqlite3"
 #: LitServe's own queue deadline raises a bare 504; this is what the client reads instead.
 QUEUE_TIMEOUT = APIError(504, "The request waited too long for a free worker; retry later.", code="queue_timeout")
 
@@ -67,8 +65,7 @@ def build_server(config: ServerConfig) -> patches.SupervisedLitServer:
     catalogue = Catalogue.discover(config.weights, models=config.models, default_model=config.default_model)
     results = open_result_store(config.results, config.results_path, config.result_ttl_seconds,
                                 config.max_result_bytes)
-    jobs = SQLiteJobStore(config.data_path / JOBS_FILE, config.job_ttl_seconds, config.max_jobs,
-                          config.max_job_bytes)
+    jobs = open_job_store(config)
     handler = EditHandler(config, catalogue, results, jobs)
     cancellations = CancelRegistry(tempfile.mkdtemp(prefix="clarity-cancelled-"))
     server = patches.SupervisedLitServer(

@@ -1,0 +1,126 @@
+"""The ingress deployment: the API core's HTTP side, as a FastAPI app behind Ray Serve's proxy.
+
+Built in each replica (Serve's late-bound ingress: `__serve_build_asgi_app__`), in the order a
+request meets it:
+
+    GuardMiddleware     bearer key, body size and upload time limits, multipart checks (api/http.py)
+    EditsRouter         an edit's body read whole; stream=true -> StreamedEdits (a job relayed as SSE)
+    routes              POST /v1/images/edits -> an upscaler replica (calls.call_upscaler);
+                        /health, /v1/models, result files, /v1/jobs, /docs (the API core's routes)
+
+It runs on the head node, beside Serve's controller and proxy: a worker node that dies takes its
+upscaler replicas and their edits with it, never the ingress that answers them (503 worker_restarted).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from clarity.api import wire
+from clarity.api.docs import install_docs
+from clarity.api.errors import APIError
+from clarity.api.handler import EditHandler
+from clarity.api.http import (
+    HEALTH_PATH,
+    OPEN_PATHS,
+    ForwardedHeaders,
+    GuardMiddleware,
+    add_public_routes,
+    install_error_handlers,
+    json_error,
+    read_body,
+    replay_body,
+)
+from clarity.api.job_routes import StreamedEdits, add_job_routes, asks_for_stream
+from clarity.api.logs import configure_logging
+from clarity.api.metrics import METRICS_PATH
+from clarity.api.submit import JobSubmitter
+from clarity.api.webhooks import WebhookSender
+from clarity.serving.ray.calls import EditCall, call_upscaler
+from clarity.serving.ray.jobs import RayJobStore
+
+#: The header Ray Serve's proxy names each request with (the client's own, else one it makes up), and
+#: returns in the response: the request's id in Clarity's logs too.
+REQUEST_ID_HEADER = "x-request-id"
+NO_METRICS = ("Clarity's own metrics are not served with --ray yet. Ray exports its own (Serve's requests,"
+              " latencies and queue lengths per deployment) on each node's metrics port.")
+
+
+class EditsRouter:
+    """ASGI middleware for `POST /v1/images/edits`: the body read whole (the guard bounds it), then an edit
+    whose form says `stream=true` handed to `streamed`, and any other to the app behind."""
+
+    def __init__(self, app: ASGIApp, *, streamed: ASGIApp) -> None:
+        self.app = app
+        self.streamed = streamed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != wire.EDITS_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await read_body(receive)
+        except HTTPException as error:  # the guard's limits, raised from its receive: the detail is OpenAI's shape
+            await JSONResponse(error.detail, status_code=error.status_code, headers=error.headers)(scope, receive, send)
+            return
+        if body is None:  # the client left during the upload
+            return
+        target = self.streamed if asks_for_stream(scope, body) else self.app
+        await target(scope, replay_body(body, receive), send)
+
+
+class Ingress:
+    """The ingress of the Serve application: `handler` (nothing loaded; it validates job forms) and its
+    stores, and `upscaler`, the deployment every edit is sent to."""
+
+    def __init__(self, handler: EditHandler, upscaler: DeploymentHandle, jobs: RayJobStore) -> None:
+        configure_logging(handler.config.log_level)
+        self.handler = handler
+        self.upscaler = upscaler
+        self.jobs = jobs
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Ray Serve calls it once the replica is constructed; the app it returns serves the HTTP requests."""
+        return build_app(self.handler, self.upscaler, self.jobs)
+
+
+def build_app(handler: EditHandler, upscaler: DeploymentHandle, jobs: RayJobStore) -> FastAPI:
+    """The FastAPI app of one ingress replica: the API core's guard, error shapes and routes, with edits sent
+    to `upscaler` and jobs kept in `jobs`."""
+    config = handler.config
+    app = FastAPI()
+    forwarded = ForwardedHeaders(config.forwarded_allow_ips)
+    webhooks = WebhookSender(config.webhook_secret, config.webhook_allow, config.webhook_retry_seconds)
+    submitter = JobSubmitter(handler, jobs, jobs.wake, forwarded.base_url, webhooks)
+
+    @app.post(wire.EDITS_PATH)
+    async def edits(request: Request) -> Response:
+        request_id = request.headers.get(REQUEST_ID_HEADER) or f"req_{secrets.token_hex(12)}"
+        call = EditCall(await request.body(), request.headers["content-type"], request_id,
+                        forwarded.base_url(request.scope), time.time())
+        answer = await call_upscaler(upscaler, call)
+        return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+
+    @app.get(HEALTH_PATH)
+    async def health() -> Response:
+        return PlainTextResponse("ok")
+
+    @app.get(METRICS_PATH, include_in_schema=False)
+    async def metrics() -> Response:
+        return json_error(APIError(501, NO_METRICS, code="not_implemented"))
+
+    # Each added middleware wraps the app so far: the guard ends up outermost.
+    app.add_middleware(EditsRouter, streamed=StreamedEdits(submitter, jobs))
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
+                       upload_timeout=config.upload_timeout, ready=lambda: True, open_paths=OPEN_PATHS)
+    install_error_handlers(app)
+    add_public_routes(app, list(handler.catalogue.models), handler.results)
+    add_job_routes(app, submitter, jobs)
+    install_docs(app)
+    return app
