@@ -3,7 +3,8 @@
 
 Every flag is a field of `ServerConfig` (api/config.py), or of `RayConfig` (serving/ray/config.py) for
 the cluster's own options. The weights and the speed flags are checked here, before the server starts:
-otherwise every worker would fail loading, one traceback each.
+otherwise every worker would fail loading, one traceback each. `ray_application` is the same command as
+Ray Serve's application builder, for a Serve config (KubeRay's RayService; README, "Several machines").
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import TYPE_CHECKING, Any
 
 from clarity.api.config import ServerConfig
 from clarity.api.logs import configure_logging
 from clarity.cli.exits import FAILED, run_command
 from clarity.cli.options import add_option_flags, flag_names, options_from_args
-from clarity.errors import ParamError, WeightsError
+from clarity.errors import ClarityError, ParamError, WeightsError
 from clarity.serving.ray.config import LOCAL_CLUSTER, RayConfig
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 DESCRIPTION = "Serve the OpenAI-compatible API (POST /v1/images/edits)."
 #: The `RayConfig` fields that are flags of their own (the address is `--ray`'s value).
@@ -81,6 +86,57 @@ def _refuse_given(args: argparse.Namespace, cls: type, names: tuple[str, ...], w
     for f in dataclasses.fields(cls):
         if f.name in names and getattr(args, f.name) != f.default:
             raise ParamError(f.name, f"{flag_names(f)[0]} {why}")
+
+
+#: The `ServerConfig` and `RayConfig` fields a Serve config sets itself (`http_options`, `proxy_location`).
+SERVE_CONFIG_OWNS = ("host", "port", "proxy_location")
+
+
+class _ConfigFlagParser(argparse.ArgumentParser):
+    """`clarity serve`'s parser that raises, instead of exiting, on a wrong flag (it runs in a Ray task)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ClarityError(f"{self.prog}: {message}")
+
+
+def ray_application(args: dict[str, Any]) -> Application:
+    """Ray Serve's application builder for a Serve config (KubeRay's RayService `serveConfigV2`, `serve deploy`):
+
+        applications:
+          - name: clarity
+            route_prefix: /
+            import_path: clarity.cli.serve:ray_application
+            args: {flags: [--weights, /weights, --replicas, "2", --results, s3://bucket/urls]}
+
+    `flags` are `clarity serve --ray`'s own, read by its parser (environment variables such as
+    $CLARITY_API_KEY included) and checked as the command checks them; the cluster is the one Ray Serve runs
+    the builder on. `--host`, `--port` and `--proxy-location` are refused: the config's `http_options` and
+    `proxy_location` place Ray Serve's proxies. Set `--replicas` (or `--max-replicas`): when the config is
+    deployed, the GPU nodes may not have joined yet."""
+    parser = _ConfigFlagParser(prog="clarity serve (Serve config args.flags)", description=DESCRIPTION,
+                               allow_abbrev=False)
+    _add_flags(parser)
+    flags = args.get("flags", [])
+    if isinstance(flags, str) or set(args) - {"flags"}:
+        raise ClarityError("the Serve config's args must be {flags: [--flag, value, ...]}, the flags of clarity"
+                           f" serve --ray; got {args!r}")
+    parsed = parser.parse_args([str(flag) for flag in flags])
+    parsed.address = "auto"  # the cluster Ray Serve builds the application on
+    defaults = vars(parser.parse_args([]))
+    for name in SERVE_CONFIG_OWNS:
+        if getattr(parsed, name) != defaults[name]:
+            flag = f"--{name.replace('_', '-')}"
+            raise ParamError(name, f"{flag} is the Serve config's: set http_options (host, port) and proxy_location"
+                                   " there")
+    config = options_from_args(ServerConfig, parsed)
+    ray_config = ray_config_from_args(parsed)
+    assert ray_config is not None
+    configure_logging(config.log_level)
+    _check_weights(config)
+    _check_dtype(config, ray_config.device(config.accelerator))
+    from clarity.serving.ray.server import application
+
+    return application(config, ray_config)
 
 
 def main(argv: list[str] | None = None) -> int:

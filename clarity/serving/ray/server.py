@@ -10,6 +10,9 @@ application (Ray Serve lets running edits finish within `--shutdown-timeout`), s
 started it, and kills the job actor; queued jobs wait in the data folder for the next start. Paths are
 made absolute here, as every node reads them: weights and the data folder must exist at the same paths
 on the nodes that use them.
+
+A Serve config (KubeRay's RayService, `serve deploy`) deploys the same application through `application`,
+which Ray Serve calls on the cluster; Ray Serve then owns the application's lifetime (README, "Several machines").
 """
 
 from __future__ import annotations
@@ -54,8 +57,7 @@ NAME_FREE_SECONDS = 30
 
 def serve_on_ray(config: ServerConfig, ray_config: RayConfig) -> int:
     """Deploy the API core on the cluster of `ray_config`, serve until stopped, remove it; the exit code."""
-    config = dataclasses.replace(config, weights=config.weights.resolve(), data_dir=config.data_path.resolve(),
-                                 output_dir=config.results_path.resolve())
+    config = _absolute_paths(config)
     ray.init(address=ray_config.address)  # Ray's own words: "local" starts a cluster, "auto" finds this machine's
     try:
         jobs_actor = _start_jobs_actor(config, ray_config)
@@ -72,6 +74,25 @@ def serve_on_ray(config: ServerConfig, ray_config: RayConfig) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+def application(config: ServerConfig, ray_config: RayConfig) -> Application:
+    """The application for a Serve config (KubeRay's RayService `serveConfigV2`, `serve deploy`), built where Ray
+    Serve runs its builder (`clarity.cli.serve:ray_application`), on the cluster: the job actor started on the head
+    node, the application bound. Ray Serve itself (its proxies' host, port and location) and the application's
+    lifetime are the config's; the config must name the application `APP_NAME`, at route prefix `/` (the job
+    runner calls the upscaler by that name). The job actor is detached: it outlives the application, and the next
+    build replaces it (its jobs stay in the store)."""
+    config = _absolute_paths(config)
+    catalogue = Catalogue.discover(config.weights, models=config.models, default_model=config.default_model)
+    _start_jobs_actor(config, ray_config)
+    return build_application(config, ray_config, catalogue)
+
+
+def _absolute_paths(config: ServerConfig) -> ServerConfig:
+    """`config` with its paths absolute, as every node reads them."""
+    return dataclasses.replace(config, weights=config.weights.resolve(), data_dir=config.data_path.resolve(),
+                               output_dir=config.results_path.resolve())
 
 
 def _serve_is_running() -> bool:
