@@ -38,7 +38,8 @@ def render(folder: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is missing: these tests render deploy/kuberay with `kubectl kustomize`. Install the"
-                    " client: apt-get install -y kubectl (Debian), or see https://kubernetes.io/docs/tasks/tools/")
+                    " client: apt-get install -y kubernetes-client (Debian 12's kubectl, as the README's test"
+                    " command does), or Kubernetes' own package: https://kubernetes.io/docs/tasks/tools/")
     done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
