@@ -229,7 +229,7 @@ def test_the_serve_config_deploys_and_serves_on_a_ray_cluster(rendered, tiny_wei
     """The RayService's serveConfigV2, deployed as KubeRay deploys it (a config for Ray Serve's controller, which
     runs the builder in a task on the cluster), on a one-node cluster: the tiny model on a CPU replica instead
     of the GPU ones, a local result folder instead of S3; then an edit through the official SDK, with the key
-    from $CLARITY_API_KEY as the pods get it. Marked `cluster` (about a minute)."""
+    from $CLARITY_API_KEY as the pods get it. Marked `cluster` (40-80 s on two shared cores)."""
     pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
     import openai
     from conftest import FAST, free_port
