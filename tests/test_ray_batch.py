@@ -8,7 +8,9 @@ worker-node kill comes last. Marked `cluster`.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -106,6 +108,18 @@ def wait_for_objects(s3: SeaweedS3, prefix: str, count: int, session: Session, s
         time.sleep(0.2)
 
 
+def upscaling_on(node: Session) -> bool:
+    """Whether a batch actor of `node` runs a task: Ray titles a worker process `ray::CLASS.METHOD` while it
+    runs METHOD (Ray Data's actors run `submit`), `ray::CLASS` when idle."""
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError):
+            if entry.isdigit() and os.getsid(int(entry)) == node.process.pid:
+                title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+                if title.startswith(b"ray::MapWorker(MapBatches(BatchUpscaler)).submit"):
+                    return True
+    return False
+
+
 def test_a_folder_is_upscaled_into_s3_on_both_nodes_and_a_bad_image_is_reported(cluster, s3, inputs, tiny_weights,
                                                                                   tmp_path):
     broken = tmp_path / "broken.png"
@@ -145,8 +159,7 @@ def test_a_rerun_after_the_driver_was_killed_skips_what_was_committed(cluster, s
 def test_a_worker_node_killed_midway_costs_no_image_and_writes_none_twice(cluster, s3, larger_inputs, tiny_weights):
     session = driver(cluster, s3, tiny_weights, [larger_inputs], "b", "b.log", steps=40)
     deadline = time.monotonic() + 180
-    # The worker node's actor has finished an image, and has the next ones it was given in hand.
-    while "on 127.0.0.3" not in session.text():
+    while not upscaling_on(cluster.worker):  # the worker node's actor holds an image
         assert session.process.poll() is None and time.monotonic() < deadline, session.text()[-4000:]
         time.sleep(0.1)
     cluster.worker.kill()

@@ -241,6 +241,13 @@ def run_on_ray(args: argparse.Namespace, params: UpscaleParams) -> int:
     if args.replicas is not None and args.replicas < 1:
         raise ParamError("replicas", f"must be at least 1, got {args.replicas}")
     parse_resource(args.replica_resource)
+    if any(isinstance(place, str) for place in [*args.inputs, args.output]):
+        from clarity.api.results.s3 import require_boto3
+
+        try:
+            require_boto3()
+        except ImportError as error:
+            raise ClarityError(str(error)) from None
     weights = args.weights.resolve()  # read by every node, at the same path
     Catalogue.discover(weights).model_id(args.model)  # wrong weights fail here, before the cluster
     spec = ModelSpec(weights, args.model, device_for(args.replica_resource, args.device),

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from clarity.errors import ParamError
+from clarity.errors import ClarityError, ParamError
 from clarity.serving.ray import batch_storage
 from clarity.serving.ray.batch_actor import ModelSpec
 from clarity.serving.ray.batch_report import BatchReport
@@ -43,8 +43,15 @@ def plan(inputs: list[str], output: str, output_format: str) -> tuple[list[batch
     batch writes into a folder or prefix."""
     if not batch_storage.is_s3(output) and os.path.isfile(output):
         raise ParamError("output", f"{output} is a file; with --ray, give an output folder or s3:// prefix")
-    items = batch_storage.plan_items(batch_storage.list_sources(inputs), output, output_format)
-    return items, batch_storage.existing([item.target for item in items])
+    try:
+        items = batch_storage.plan_items(batch_storage.list_sources(inputs), output, output_format)
+        return items, batch_storage.existing([item.target for item in items])
+    except ParamError:
+        raise
+    except Exception as error:  # boto3's: no endpoint, refused credentials, no such bucket
+        if type(error).__module__.startswith(("botocore", "boto3")):
+            raise ClarityError(f"cannot list the batch's inputs or outputs in S3: {error}") from error
+        raise
 
 
 def upscale_on_ray(inputs: list[str], output: str, spec: ModelSpec, cluster: ClusterSpec,
