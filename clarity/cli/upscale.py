@@ -24,7 +24,7 @@ from clarity.cli.batch import Job, plan_jobs, write_atomically
 from clarity.cli.options import add_option_flags, add_param_flags, options_from_args, param_texts
 from clarity.cli.remote import RemoteError, RemoteUpscaler
 from clarity.errors import ClarityError, ParamError
-from clarity.imageio import FORMAT_ALIASES, OUTPUT_FORMATS
+from clarity.imageio import FORMAT_ALIASES, OUTPUT_FORMATS, check_output_format
 from clarity.params import UpscaleParams
 
 #: `produce(job, show_steps) -> (encoded result, a description of it)`: the work, local or remote.
@@ -33,11 +33,13 @@ Producer = Callable[[Job, bool], tuple[bytes, str]]
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     upscale = commands.add_parser("upscale", help="Upscale an image file, or many files and folders.")
-    upscale.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
-                         help="Image(s) to upscale (PNG, JPEG, WebP, ...), or folders of them.")
-    upscale.add_argument("-o", "--output", type=Path, required=True,
+    upscale.add_argument("inputs", type=_path_or_url, nargs="+", metavar="INPUT",
+                         help="Image(s) to upscale (PNG, JPEG, WebP, ...), or folders of them; with --ray, also"
+                              " s3://BUCKET/PREFIX (its images) or s3://BUCKET/KEY.png.")
+    upscale.add_argument("-o", "--output", type=_path_or_url, required=True,
                          help="The result's file name (one input), or a folder where each result is named"
-                              " after its input (several inputs, or a folder).")
+                              " after its input (several inputs, or a folder); with --ray, a folder or"
+                              " s3://BUCKET/PREFIX.")
     upscale.add_argument("--format", dest="folder_format", choices=[*OUTPUT_FORMATS, *FORMAT_ALIASES],
                          default="png", help="Format of results written into an output folder (default: png).")
     upscale.add_argument("--overwrite", action="store_true",
@@ -46,6 +48,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     upscale.add_argument("--server", default=None, metavar="URL",
                          help="Have a Clarity server do the work (e.g. http://gpu-box:8000) instead of this"
                               " machine; --weights, --device and the speed flags are then the server's.")
+    upscale.add_argument("--ray", default=None, metavar="ADDRESS",
+                         help="Run the batch as a Ray Data job on a Ray cluster: auto (the one this machine belongs"
+                              " to) or HOST:PORT of its head. Inputs and output are then folders every node"
+                              " shares, or s3:// prefixes (README, \"Batch across a cluster\").")
+    upscale.add_argument("--replica-resource", default="GPU", metavar="NAME[=AMOUNT]",
+                         help="With --ray, what each batch actor holds, one actor per unit of it: GPU (default),"
+                              " CPU=N or a custom resource, as for clarity serve --ray.")
+    upscale.add_argument("--replicas", type=int, default=None, metavar="N",
+                         help="With --ray, batch actors (default: one per unit of --replica-resource).")
     upscale.add_argument("--api-key", default=None, help="The server's API key (default: $CLARITY_API_KEY).")
     upscale.add_argument("--concurrency", type=int, default=2,
                          help="With --server, images on the server at once, as jobs queued or running"
@@ -66,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     params = UpscaleParams.from_strings(param_texts(args))
     if args.concurrency < 1:
         raise ParamError("concurrency", f"must be at least 1, got {args.concurrency}")
+    if args.ray is not None:
+        return run_on_ray(args, params)
+    if any(isinstance(place, str) for place in [*args.inputs, args.output]):
+        raise ParamError("input", "s3:// inputs and outputs need --ray (a batch on a Ray cluster)")
     jobs = plan_jobs(args.inputs, args.output, args.folder_format)
     single = len(jobs) == 1 and jobs[0].target == args.output
     todo = [job for job in jobs if single or args.overwrite or not job.target.exists()]
@@ -98,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
     for source in [*missing, *failed]:
         print(f"failed: {source}", file=sys.stderr)
     return 1 if missing or failed else 0
+
+
+def _path_or_url(text: str) -> Path | str:
+    """An `s3://` URL stays text (a Path would fold its "//"); anything else is a local path."""
+    return text if text.startswith("s3://") else Path(text)
 
 
 @contextlib.contextmanager
@@ -206,6 +226,54 @@ def _run_remote(args: argparse.Namespace, params: UpscaleParams, todo: list[Job]
         _write(todo[0], produce)
         return []
     return _run_batch(todo, produce, args.concurrency, interactive)
+
+
+def run_on_ray(args: argparse.Namespace, params: UpscaleParams) -> int:
+    """`--ray`: the batch as a Ray Data job on the cluster (clarity/serving/ray/batch.py); its report printed."""
+    from clarity.models.catalogue import Catalogue
+    from clarity.serving.ray.batch import ClusterSpec, device_for, upscale_on_ray
+    from clarity.serving.ray.batch_actor import ModelSpec
+    from clarity.serving.ray.config import parse_resource
+
+    if args.server or args.overwrite:
+        raise ParamError("ray", "--ray runs the batch on a cluster: not with --server or --overwrite (results are"
+                         " committed once; delete them to redo them)")
+    if args.replicas is not None and args.replicas < 1:
+        raise ParamError("replicas", f"must be at least 1, got {args.replicas}")
+    parse_resource(args.replica_resource)
+    if any(isinstance(place, str) for place in [*args.inputs, args.output]):
+        from clarity.api.results.s3 import require_boto3
+
+        try:
+            require_boto3()
+        except ImportError as error:
+            raise ClarityError(str(error)) from None
+    weights = args.weights.resolve()  # read by every node, at the same path
+    Catalogue.discover(weights).model_id(args.model)  # wrong weights fail here, before the cluster
+    spec = ModelSpec(weights, args.model, device_for(args.replica_resource, args.device),
+                     options_from_args(SpeedOptions, args), params, check_output_format(args.folder_format, "format"),
+                     args.quality, _read_mask(args.mask))
+    cluster = ClusterSpec(args.ray, args.replica_resource, args.replicas)
+    bar = tqdm(unit="image", disable=not sys.stderr.isatty())
+
+    def on_plan(todo: int, skipped: int) -> None:
+        if skipped:
+            print(f"skipping {skipped} image(s) whose result exists in {args.output}", flush=True)
+        print(f"upscaling {todo} image(s) on the Ray cluster at {args.ray}", flush=True)
+        bar.reset(total=todo)
+
+    def on_row(row: dict) -> None:
+        bar.update(1)
+        outcome = f"failed: {row['error']}" if row["status"] == "failed" else f"{row['status']} ({row['size']})"
+        tqdm.write(f"{row['target']}: {outcome} on {row['node']} in {row['seconds']:.1f} s")
+
+    with _warnings_on_stderr(), logging_redirect_tqdm(loggers=[logging.getLogger("clarity")]):
+        report = upscale_on_ray([str(place) for place in args.inputs], str(args.output), spec, cluster,
+                                on_row, on_plan)
+    bar.close()
+    for line in report.lines():
+        print(line, file=sys.stderr if line.startswith("failed:") else sys.stdout)
+    return 0 if report.ok else 1
 
 
 def _read_mask(mask: Path | None) -> bytes | None:

@@ -7,4 +7,8 @@ GPU, or per unit of the resource `config.RayConfig` names, every served model lo
 `EditHandler` runs each edit). `calls` is what travels between them and how Ray's failures are
 answered; `jobs` is the cluster's one job store and job runner, a Ray actor on the head node.
 `config` holds the cluster's options and imports no Ray, so the CLI reads it without Ray installed.
+
+`batch` is the driver of `clarity upscale --ray` (a Ray Data job): `batch_actor` the actor that upscales
+each image, `batch_storage` where inputs are read and results committed (local folders or S3),
+`batch_report` the report at the end.
 """
