@@ -99,9 +99,10 @@ def summarize_times(rows: list[dict[str, Any]]) -> dict[str, Any]:
             ratios = [fp32["seconds_per_mp"] / other["seconds_per_mp"]
                       for fp32 in at_side if fp32["variant"] == "fp32"
                       for other in at_side if other["variant"] == name and other["round"] == fp32["round"]]
-            speedups[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            if ratios:
+                speedups[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
         summary[str(side)] = {"median_seconds_per_mp": medians, "speedup_vs_fp32_same_round": speedups}
-    if {"1024", "2048"} <= summary.keys():
+    if all("default" in summary.get(side, {}).get("median_seconds_per_mp", {}) for side in ("1024", "2048")):
         summary["default_4mp_vs_1mp_per_mp"] = (summary["2048"]["median_seconds_per_mp"]["default"]
                                                 / summary["1024"]["median_seconds_per_mp"]["default"])
     return summary
