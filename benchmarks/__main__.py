@@ -29,6 +29,7 @@ from benchmarks import (
     tile_batching,
     tile_overhead,
     time_shares,
+    vae,
 )
 from benchmarks.common import Bench, machine
 
@@ -37,6 +38,7 @@ BENCHMARKS = {
     "tile_batching": tile_batching,
     "scaling": scaling,
     "time_shares": time_shares,
+    "vae": vae,
     "server_overhead": server_overhead,
     "large_output": large_output,
     "seams": seams,

@@ -9,6 +9,12 @@ memory after loading and its peak (ru_maxrss, loading included). Engines:
   components, with the same steps, strength, guidance, seed and scheduler;
 - `naive_vae_tiling`: the same with `vae.enable_tiling()`, at SD1.5's VAE tile size (512 px;
   the tiny VAE's config would give 64 px tiles);
+- `naive_fast_vae`: the naive pipeline with Clarity's default VAE setup (`--vae-dtype auto`,
+  `--vae-channels-last auto`: bf16 and channels-last on a CPU with native bf16), its inputs cast
+  to the VAE's dtype and its latents back to float32 by hooks, for a comparison at equal VAE
+  precision (diffusers' pipeline itself would run the VAE in whatever dtype it was given, and
+  fails on a bf16 VAE fed float32). The plain `naive` engines keep an fp32 NCHW VAE, as
+  diffusers does by default;
 - `clarity_no_denoiser`: this engine with the UNet and ControlNet forwards answering zeros, so
   that very large outputs can be measured in minutes: everything that holds whole images
   (pre-upscaling, VAE encode and decode, blending, colour fix, conversions) runs for real;
@@ -27,7 +33,7 @@ from pathlib import Path
 #: The job every engine runs: 2 scheduler steps at strength 0.5 = 1 denoising step, guidance
 #: off (it would double every engine's work alike), the default sampler and resemblance.
 STEPS, STRENGTH, GUIDANCE, SEED = 2, 0.5, 1.0, 1
-ENGINES = ("clarity", "naive", "naive_vae_tiling", "clarity_no_denoiser")
+ENGINES = ("clarity", "naive", "naive_vae_tiling", "naive_fast_vae", "clarity_no_denoiser")
 #: SD1.5's VAE tile: its config's sample_size (the tiny VAE's is 64).
 NAIVE_VAE_TILE = 512
 
@@ -46,10 +52,13 @@ def run_job(engine: str, weights: Path, side: int) -> dict:
     import torch
 
     from benchmarks.common import sample_image
-    from clarity import UpscaleParams, Upscaler
+    from clarity import SpeedOptions, UpscaleParams, Upscaler
 
     torch.set_grad_enabled(False)
-    upscaler = Upscaler.from_pretrained(weights, device="cpu", max_output_pixels=max(side * side, 1))
+    # Clarity's engines run its defaults; the plain naive ones get the fp32 NCHW VAE diffusers would have.
+    plain_vae = engine in ("naive", "naive_vae_tiling")
+    speed = SpeedOptions(vae_dtype="fp32", vae_channels_last="off") if plain_vae else SpeedOptions()
+    upscaler = Upscaler.from_pretrained(weights, device="cpu", max_output_pixels=max(side * side, 1), speed=speed)
     source = sample_image(side // 2, side // 2)
     params = UpscaleParams(num_inference_steps=STEPS, creativity=STRENGTH, dynamic=GUIDANCE, seed=SEED)
     loaded_rss = _current_rss_mb()
@@ -72,6 +81,8 @@ def run_job(engine: str, weights: Path, side: int) -> dict:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         naive.set_progress_bar_config(disable=True)
+        if engine == "naive_fast_vae":
+            _cast_vae_inputs(naive.vae)
         if engine == "naive_vae_tiling":
             naive.vae.enable_tiling()
             naive.vae.tile_sample_min_size = NAIVE_VAE_TILE
@@ -84,8 +95,34 @@ def run_job(engine: str, weights: Path, side: int) -> dict:
             controlnet_conditioning_scale=params.resemblance, generator=torch.Generator("cpu").manual_seed(SEED),
         )
         seconds = time.perf_counter() - started
+    report = upscaler.acceleration
     return {"seconds": seconds, "rss_after_loading_mb": round(loaded_rss), "peak_rss_mb": round(_rss_mb()),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "vae": {"dtype": report.vae_dtype, "channels_last": report.vae_channels_last} if report else None}
+
+
+def _cast_vae_inputs(vae) -> None:
+    """Let diffusers' pipeline, which feeds its VAE float32, run a VAE of another dtype.
+
+    The encoder's and the decoder's inputs are cast to the VAE's dtype and memory layout (as
+    clarity/engine/vae.py does: a channels-last VAE fed NCHW inputs measured barely faster than
+    fp32), and the encoder's moments back to float32 (so the latents and the UNet stay float32).
+    """
+    import torch
+
+    weight = vae.encoder.conv_in.weight
+    is_nhwc = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    layout = torch.channels_last if is_nhwc else torch.contiguous_format
+
+    def to_vae_dtype(module, args):
+        return (args[0].to(vae.dtype, memory_format=layout), *args[1:])
+
+    def to_float32(module, args, output):
+        return output.float()
+
+    vae.encoder.register_forward_pre_hook(to_vae_dtype)
+    vae.post_quant_conv.register_forward_pre_hook(to_vae_dtype)
+    vae.quant_conv.register_forward_hook(to_float32)
 
 
 def _answer_zeros(pipeline) -> None:

@@ -12,7 +12,14 @@ import torch
 
 from clarity import Upscaler
 from clarity.cli import main
-from clarity.engine.acceleration import SpeedOptions, resolve_device, resolve_dtype
+from clarity.engine.acceleration import (
+    SpeedOptions,
+    native_bf16,
+    resolve_device,
+    resolve_dtype,
+    resolve_vae_channels_last,
+    resolve_vae_dtype,
+)
 from clarity.errors import ParamError
 from tests.conftest import FAST, make_test_image
 
@@ -39,12 +46,20 @@ def test_sdpa_attention_is_in_use_and_reported(upscaler):
     assert stats.acceleration["attention"] == {
         "unet": "AttnProcessor2_0", "controlnet": "AttnProcessor2_0", "vae": "AttnProcessor2_0"
     }
-    assert stats.acceleration["dtype"] == "float32" and stats.acceleration["vae_dtype"] == "float32"
+    assert stats.acceleration["dtype"] == "float32"
+    # The session's engine runs the defaults: the VAE's dtype is what `auto` resolves to here.
+    expected_vae = "bfloat16" if native_bf16(torch.device("cpu")) else "float32"
+    assert stats.acceleration["vae_dtype"] == expected_vae and stats.acceleration["vae_channels_last"] is True
 
 
-def test_channels_last_gives_the_same_image(tiny_weights, reference):
-    image, expected = reference
-    fast = Upscaler.from_pretrained(tiny_weights, device="cpu", speed=SpeedOptions(channels_last=True))
+def test_channels_last_gives_the_same_image(tiny_weights):
+    # Both with an fp32 VAE: a bf16 VAE (the default on CPUs with native bf16) rounds to 8 bits,
+    # so a float32 rounding difference in the UNet can move a pixel by 2 levels after it.
+    image = make_test_image(64, 64)
+    plain = Upscaler.from_pretrained(tiny_weights, device="cpu", speed=SpeedOptions(vae_dtype="fp32"))
+    expected = pixels(plain.upscale(image, **FAST).image)
+    fast_speed = SpeedOptions(channels_last=True, vae_dtype="fp32")
+    fast = Upscaler.from_pretrained(tiny_weights, device="cpu", speed=fast_speed)
     conv = fast.pipeline.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     result = fast.upscale(image, **FAST)
@@ -52,11 +67,11 @@ def test_channels_last_gives_the_same_image(tiny_weights, reference):
     assert np.abs(pixels(result.image) - expected).max() <= 1  # float rounding at most
 
 
-def test_bf16_on_the_cpu_runs_the_unet_in_bf16_and_keeps_the_vae_fp32(tiny_weights, reference):
+def test_bf16_on_the_cpu_runs_the_unet_in_bf16_and_the_vae_as_vae_dtype_says(tiny_weights, reference):
     image, expected = reference
     half = Upscaler.from_pretrained(tiny_weights, device="cpu", speed=SpeedOptions(dtype="bf16"))
     assert half.pipeline.unet.dtype == half.pipeline.controlnet.dtype == torch.bfloat16
-    assert half.pipeline.vae.dtype == torch.float32
+    assert half.pipeline.vae.dtype == resolve_vae_dtype(SpeedOptions(), torch.device("cpu"))
     result = half.upscale(image, **FAST)
     assert result.stats.acceleration["dtype"] == "bfloat16"
     # bf16 keeps 8 bits of mantissa: a slightly different image, not a different one.
@@ -110,6 +125,75 @@ assert difference <= 1, difference
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", script], check=True, cwd=root, timeout=1800)
+
+
+def test_vae_options_refuse_bad_values_naming_the_flag(tiny_weights, tmp_path, capsys):
+    with pytest.raises(ParamError) as caught:
+        SpeedOptions(vae_dtype="fp8")
+    assert caught.value.param == "vae_dtype" and "--vae-dtype" in caught.value.message
+    with pytest.raises(ParamError) as caught:
+        SpeedOptions(vae_channels_last="yes")
+    assert caught.value.param == "vae_channels_last" and "--vae-channels-last" in caught.value.message
+    with pytest.raises(ParamError) as caught:
+        resolve_dtype(SpeedOptions(vae_dtype="fp16"), torch.device("cpu"))  # checked before loading
+    assert caught.value.param == "vae_dtype" and "--vae-dtype fp16 is refused on the CPU" in caught.value.message
+    make_test_image(16, 16).save(tmp_path / "in.png")
+    command = ["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--weights", str(tiny_weights),
+               "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        main([*command, "--vae-dtype", "fp8"])
+    assert "--vae-dtype" in capsys.readouterr().err
+    assert main([*command, "--vae-dtype", "fp16"]) == 2
+    assert "--vae-dtype fp16 is refused on the CPU" in capsys.readouterr().err
+
+
+def test_cli_vae_flags_parse_into_speed_options():
+    from clarity.cli import build_parser
+    from clarity.cli.options import options_from_args
+
+    flags = ["--vae-dtype", "bf16", "--vae-channels-last", "off"]
+    args = build_parser().parse_args(["upscale", "in.png", "-o", "out.png", *flags])
+    assert options_from_args(SpeedOptions, args) == SpeedOptions(vae_dtype="bf16", vae_channels_last="off")
+
+
+def test_private_torch_api_for_native_bf16_is_still_there():
+    # native_bf16 relies on it; if a torch upgrade removes it, this fails rather than `auto` erroring at load.
+    assert isinstance(torch.cpu._is_avx512_bf16_supported(), bool)
+
+
+def test_native_bf16_on_this_cpu_matches_its_flags():
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = {word for line in cpuinfo if line.startswith("flags") for word in line.split()}
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    expected = "avx512_bf16" in flags and torch.backends.mkldnn.is_available()
+    assert native_bf16(torch.device("cpu")) == expected
+
+
+def test_auto_vae_options_resolve_as_documented():
+    cpu = torch.device("cpu")
+    assert resolve_vae_dtype(SpeedOptions(), cpu) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+    assert resolve_vae_dtype(SpeedOptions(vae_dtype="fp32"), cpu) == torch.float32
+    assert resolve_vae_dtype(SpeedOptions(vae_dtype="bf16"), cpu) == torch.bfloat16
+    assert resolve_vae_dtype(SpeedOptions(vae_dtype="fp16"), torch.device("cuda")) == torch.float16
+    assert resolve_vae_channels_last(SpeedOptions(), cpu) is True
+    assert resolve_vae_channels_last(SpeedOptions(vae_channels_last="off"), cpu) is False
+    cuda = torch.device("cuda")  # only the device's type is read: no GPU needed
+    assert resolve_vae_channels_last(SpeedOptions(), cuda) is False
+    assert resolve_vae_channels_last(SpeedOptions(channels_last=True), cuda) is True
+
+
+def test_vae_dtype_and_layout_reach_the_model_and_the_report(tiny_weights):
+    bf16 = Upscaler.from_pretrained(tiny_weights, device="cpu", speed=SpeedOptions(vae_dtype="bf16"))
+    conv = bf16.pipeline.vae.decoder.conv_in.weight
+    assert bf16.pipeline.vae.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
+    assert bf16.acceleration.vae_dtype == "bfloat16" and bf16.acceleration.vae_channels_last is True
+    plain = Upscaler.from_pretrained(tiny_weights, device="cpu",
+                                     speed=SpeedOptions(vae_dtype="fp32", vae_channels_last="off"))
+    assert plain.pipeline.vae.dtype == torch.float32 and plain.pipeline.vae.decoder.conv_in.weight.is_contiguous()
+    assert plain.acceleration.vae_dtype == "float32" and plain.acceleration.vae_channels_last is False
 
 
 def test_compile_and_offload_together_are_refused():
@@ -184,6 +268,13 @@ def test_nan_output_fails_loudly_instead_of_writing_a_black_image(upscaler):
         Upscaler(_ProducesNaN(upscaler.pipeline)).upscale(make_test_image(32, 32), **FAST)
 
 
+@needs_cuda
+def test_auto_vae_dtype_on_cuda_is_bf16_from_ampere():
+    device = torch.device("cuda")
+    expected = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float32
+    assert resolve_vae_dtype(SpeedOptions(), device) == expected
+
+
 def test_auto_dtype_is_fp32_on_the_cpu_and_fp16_on_cuda():
     assert resolve_dtype(SpeedOptions(), torch.device("cpu")) == torch.float32
     assert resolve_dtype(SpeedOptions(), torch.device("cuda")) == torch.float16
@@ -195,9 +286,10 @@ def test_auto_dtype_is_fp32_on_the_cpu_and_fp16_on_cuda():
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_half_precision_on_cuda_keeps_the_vae_fp32_and_gives_no_nans(tiny_weights, dtype):
-    gpu = Upscaler.from_pretrained(tiny_weights, device="cuda", speed=SpeedOptions(dtype=dtype, channels_last=True))
-    assert gpu.pipeline.vae.dtype == torch.float32
+def test_half_precision_on_cuda_gives_no_nans(tiny_weights, dtype):
+    speed = SpeedOptions(dtype=dtype, vae_dtype=dtype, channels_last=True)
+    gpu = Upscaler.from_pretrained(tiny_weights, device="cuda", speed=speed)
+    assert gpu.pipeline.vae.dtype == resolve_vae_dtype(speed, torch.device("cuda"))
     result = gpu.upscale(make_test_image(64, 64), **FAST)  # raises on NaN
     assert result.image.size == (128, 128) and result.stats.device.startswith("cuda")
 

@@ -314,7 +314,10 @@ class Upscaler:
                 # Written out, NaNs would become a black or garbled image that looks like a result.
                 speed = self.acceleration
                 dtypes = f" (models in {speed.dtype}, VAE in {speed.vae_dtype})" if speed is not None else ""
-                raise RuntimeError(f"pass {index + 1} produced NaN or infinite pixels{dtypes}; retry with --dtype fp32")
+                raise RuntimeError(
+                    f"pass {index + 1} produced NaN or infinite pixels{dtypes}; retry with --dtype fp32"
+                    " --vae-dtype fp32"
+                )
             pass_stats.input_size = rgb.size
             pass_stats.seconds = {"pre_upscale": preupscale_seconds, **pass_stats.seconds}
             if pass_stats.denoising_steps > 0:

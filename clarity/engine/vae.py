@@ -85,13 +85,29 @@ class GroupNormStatistics:
 
 
 def _group_norm_with(layer: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    shape = x.shape
-    groups = x.float().reshape(shape[0], layer.num_groups, -1)
-    normalised = ((groups - mean[..., None]) * torch.rsqrt(var[..., None] + layer.eps)).reshape(shape)
+    """`layer` applied to `x` with the recorded per-group `mean` and `var` (N, groups).
+
+    Computed in float32 whatever `x`'s dtype (a bf16 VAE included) and cast back. Folded into
+    one per-channel scale and shift, x * scale + shift = (x - mean) / std * weight + bias, so
+    that the work is elementwise and keeps `x`'s memory layout (channels-last stays
+    channels-last rather than being copied back to NCHW at every GroupNorm).
+    """
+    per_group = x.shape[1] // layer.num_groups
+    rstd = torch.rsqrt(var + layer.eps)
+    scale = rstd.repeat_interleave(per_group, dim=1)
+    shift = (-mean * rstd).repeat_interleave(per_group, dim=1)
     if layer.affine:
-        broadcast = (1, -1) + (1,) * (len(shape) - 2)
-        normalised = normalised * layer.weight.float().view(broadcast) + layer.bias.float().view(broadcast)
-    return normalised.to(x.dtype)
+        weight = layer.weight.float()
+        scale, shift = scale * weight, shift * weight + layer.bias.float()
+    broadcast = (*scale.shape, *(1,) * (x.dim() - 2))
+    return torch.addcmul(shift.view(broadcast), x.float(), scale.view(broadcast)).to(x.dtype)
+
+
+def _memory_format(module: torch.nn.Module) -> torch.memory_format:
+    """channels_last when `module`'s first convolution's weight is (the VAE was set so), else contiguous."""
+    conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    is_nhwc = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    return torch.channels_last if is_nhwc else torch.contiguous_format
 
 
 def encode(
@@ -108,7 +124,7 @@ def encode(
     an untiled run can be compared with theirs number for number. With `wrap` the image is one
     period of a repeating pattern: its borders see the opposite side as their neighbourhood.
     """
-    pixels = (image * 2 - 1).to(device=vae.device, dtype=vae.dtype)
+    pixels = (image * 2 - 1).to(device=vae.device, dtype=vae.dtype, memory_format=_memory_format(vae.encoder))
     if wrap:
         pixels = pad_periodic(pixels, ENCODER_CONTEXT * VAE_SCALE)
 
@@ -129,7 +145,8 @@ def encode(
             )
     if wrap:
         stacked = crop_border(stacked, ENCODER_CONTEXT)
-    posterior = DiagonalGaussianDistribution(stacked)
+    # In float32 whatever the VAE's dtype: the posterior's noise is drawn as an fp32 VAE's would be.
+    posterior = DiagonalGaussianDistribution(stacked.to(torch.float32, memory_format=torch.contiguous_format))
     return posterior.sample(generator) * vae.config.scaling_factor
 
 
@@ -140,7 +157,8 @@ def decode(
 
     With `wrap`, `latents` are one period of a repeating pattern (see `encode`).
     """
-    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    z = latents.to(device=vae.device, dtype=vae.dtype, memory_format=_memory_format(vae.decoder))
+    z = z / vae.config.scaling_factor
     if wrap:
         z = pad_periodic(z, DECODER_CONTEXT)
     if vae.post_quant_conv is not None:
@@ -158,8 +176,9 @@ def decode(
             )
     if wrap:
         pixels = crop_border(pixels, DECODER_CONTEXT * VAE_SCALE)
-    # In place: at 100 MP each full-size float32 temporary is 1.2 GB.
-    return pixels.float().mul_(0.5).add_(0.5).clamp_(0, 1)
+    # In place: at 100 MP each full-size float32 temporary is 1.2 GB. (The tiled output is
+    # already float32 NCHW, so `to` copies only the untiled, at most one-tile, output.)
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(0.5).add_(0.5).clamp_(0, 1)
 
 
 def tile_plan(latent_height: int, latent_width: int, tile_size: int | None) -> TilePlan | None:
