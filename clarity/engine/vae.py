@@ -32,6 +32,8 @@ VAE_SCALE = 8
 #: 11 for the decoder and 32 px = 4 for the encoder.
 DECODER_CONTEXT = 8
 ENCODER_CONTEXT = 4
+#: Pixels an input side is padded to before the encoder runs on it (see `encode`).
+MIN_ENCODE_SIDE = 16
 #: Latent pixels over which neighbouring tiles cross-fade.
 BLEND_OVERLAP = 4
 #: Aspect ratio beyond which an image counts as a thin strip when its GroupNorm statistics are
@@ -129,8 +131,14 @@ def encode(
         pixels = pad_periodic(pixels, ENCODER_CONTEXT * VAE_SCALE)
 
     def moments(x: torch.Tensor) -> torch.Tensor:
-        encoded = vae.encoder(x)
-        return vae.quant_conv(encoded) if vae.quant_conv is not None else encoded
+        height, width = x.shape[-2:]
+        # oneDNN's bf16 channels-last convolutions (torch 2.13, CPU) return NaN on feature maps 1 px wide,
+        # which an 8 px thin input makes in the encoder's last block: thinner inputs are encoded
+        # edge-padded to MIN_ENCODE_SIDE and their moments cropped back (tests/test_engine.py::test_tiny_images_work).
+        padded = F.pad(x, (0, max(0, MIN_ENCODE_SIDE - width), 0, max(0, MIN_ENCODE_SIDE - height)), mode="replicate")
+        encoded = vae.encoder(padded)
+        encoded = vae.quant_conv(encoded) if vae.quant_conv is not None else encoded
+        return encoded[..., : height // VAE_SCALE, : width // VAE_SCALE]
 
     plan = tile_plan(pixels.shape[-2] // VAE_SCALE, pixels.shape[-1] // VAE_SCALE, tile_size)
     if plan is None:
