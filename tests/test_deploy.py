@@ -233,7 +233,8 @@ def test_the_serve_config_deploys_and_serves_on_a_ray_cluster(rendered, tiny_wei
     pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
     import openai
     from conftest import FAST, free_port
-    from test_ray_serving import ENV, HEAD_IP, RAY, STARTED, Session, node_command, png
+    from ray_cluster import ENV, HEAD_IP, RAY, STARTED, Session, node_command
+    from test_ray_serving import png
 
     service = one(rendered["serve"], "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
