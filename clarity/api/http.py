@@ -106,6 +106,13 @@ def json_error(error: APIError) -> Response:
     return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
 
+def early_error(error: HTTPException) -> Response:
+    """The answer to an HTTP error raised in a middleware, before any route (where the app's error handlers
+    do not reach): the guard's limits raise them from its `receive` with OpenAI's shape as the detail."""
+    detail = error.detail if isinstance(error.detail, dict) else error_body(error.status_code, str(error.detail))
+    return JSONResponse(detail, status_code=error.status_code, headers=error.headers)
+
+
 #: RFC 2046's boundary: 1-70 of these characters, not ending in a space.
 _BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 

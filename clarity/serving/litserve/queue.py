@@ -18,12 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import HTTPException
-from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clarity.api import metrics, wire
-from clarity.api.errors import APIError, error_body
-from clarity.api.http import json_error, read_body, replay_body
+from clarity.api.errors import APIError
+from clarity.api.http import early_error, json_error, read_body, replay_body
 from clarity.api.job_routes import asks_for_stream
 from clarity.serving.litserve.dispatch import JOB_SCOPE_KEY
 from clarity.serving.litserve.patches import tag_request
@@ -108,7 +107,7 @@ class QueueBound:
         try:
             body = await read_body(receive)
         except HTTPException as error:  # the guard's limits, raised from its receive
-            await _answer(error)(scope, receive, send)
+            await early_error(error)(scope, receive, send)
             return
         finally:
             in_flight.uploading -= 1
@@ -139,12 +138,6 @@ class QueueBound:
             in_flight.queued -= 1
             in_flight.last_answered = time.monotonic()
             in_flight.report()
-
-
-def _answer(error: HTTPException) -> Response:
-    """The answer to an HTTP error raised before any route (where the app's error handlers do not reach)."""
-    detail = error.detail if isinstance(error.detail, dict) else error_body(error.status_code, str(error.detail))
-    return JSONResponse(detail, status_code=error.status_code, headers=error.headers)
 
 
 def _busy(message: str, code: str) -> APIError:

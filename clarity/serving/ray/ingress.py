@@ -32,6 +32,7 @@ from clarity.api.http import (
     ForwardedHeaders,
     GuardMiddleware,
     add_public_routes,
+    early_error,
     install_error_handlers,
     json_error,
     read_body,
@@ -67,7 +68,7 @@ class EditsRouter:
         try:
             body = await read_body(receive)
         except HTTPException as error:  # the guard's limits, raised from its receive: the detail is OpenAI's shape
-            await JSONResponse(error.detail, status_code=error.status_code, headers=error.headers)(scope, receive, send)
+            await early_error(error)(scope, receive, send)
             return
         if body is None:  # the client left during the upload
             return
