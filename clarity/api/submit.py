@@ -67,14 +67,15 @@ class JobSubmitter:
             webhook = await self.webhooks.check(_text(own.get(WEBHOOK_URL_FIELD)), _text(own.get(WEBHOOK_EVENTS_FIELD)))
         except ParamError as error:
             raise invalid(error.param, str(error)) from None
-        run_items = [(name, value) for name, value in edit_items if name not in STREAM_FIELDS]
+        values = await _read_form(items)
+        run_items = [(name, value) for name, value in values if name not in own and name not in STREAM_FIELDS]
         if edit.stream and not any(name == "response_format" for name, _ in run_items):
             run_items.append(("response_format", edit.response_format))  # a stream's default differs
-        body, content_type = await _encode_form(run_items)
+        body, content_type = _encode_form(run_items)
         new = NewJob(
             kind=kind, body=body, content_type=content_type, model=edit.model or self.handler.catalogue.default_model,
             base_url=self.base_url(request.scope), partial_images=edit.partial_images if edit.stream else 0,
-            idempotency_key=key, request_hash=await _content_hash(items) if key else None,
+            idempotency_key=key, request_hash=_content_hash(values) if key else None,
             webhook_url=webhook.url if webhook else None, webhook_events=webhook.events if webhook else (),
         )
         try:
@@ -108,31 +109,37 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
-async def _encode_form(items: list[tuple[str, Any]]) -> tuple[bytes, str]:
-    """`items` (text fields and uploaded files) as a multipart/form-data body, and its Content-Type.
-    httpx's encoder, the one the OpenAI SDKs send with."""
-    data: dict[str, str] = {}
-    files: list[tuple[str, tuple[str, bytes, str]]] = []
+#: A form field as stored: text, or an uploaded file's (filename, content, content type).
+FormValue = str | tuple[str, bytes, str]
+
+
+async def _read_form(items: list[tuple[str, Any]]) -> list[tuple[str, FormValue]]:
+    """`items` with each uploaded file read once, for the encoding and the hash."""
+    values: list[tuple[str, FormValue]] = []
     for name, value in items:
         if isinstance(value, str):
-            data[name] = value
+            values.append((name, value))
         else:
             await value.seek(0)
-            files.append((name, (value.filename or "upload", await value.read(),
-                                 value.content_type or "application/octet-stream")))
+            values.append((name, (value.filename or "upload", await value.read(),
+                                  value.content_type or "application/octet-stream")))
+    return values
+
+
+def _encode_form(items: list[tuple[str, FormValue]]) -> tuple[bytes, str]:
+    """`items` as a multipart/form-data body, and its Content-Type: httpx's encoder, the one the OpenAI SDKs
+    send with."""
+    data = {name: value for name, value in items if isinstance(value, str)}
+    files = [(name, value) for name, value in items if not isinstance(value, str)]
     request = httpx.Request("POST", "http://clarity.invalid", data=data, files=files)
     return request.read(), request.headers["content-type"]
 
 
-async def _content_hash(items: list[tuple[str, Any]]) -> str:
+def _content_hash(items: list[tuple[str, FormValue]]) -> str:
     """What makes two submissions the same request: their fields and files, not the multipart boundary
     (an SDK retry draws a new one) nor the order of the fields."""
     parts = []
     for name, value in items:
-        if isinstance(value, str):
-            content = value.encode()
-        else:
-            await value.seek(0)
-            content = await value.read()
+        content = value.encode() if isinstance(value, str) else value[1]
         parts.append(hashlib.sha256(name.encode() + b"\0" + content).hexdigest())
     return hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()
