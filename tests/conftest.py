@@ -156,6 +156,18 @@ class ServerProcess:
                 return child.pid
         raise AssertionError("no inference worker process found")
 
+    def __enter__(self) -> ServerProcess:
+        """The server, once healthy (stopped again if it never is)."""
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.http.close()
         if self.process.poll() is None:

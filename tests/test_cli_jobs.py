@@ -72,12 +72,8 @@ def sizes(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def server(tiny_weights, tmp_path_factory) -> Iterator[ServerProcess]:
-    server = ServerProcess(tiny_weights, tmp_path_factory.mktemp("cli-jobs") / "server.log", ["--api-key", KEY])
-    try:
-        server.wait_healthy()
+    with ServerProcess(tiny_weights, tmp_path_factory.mktemp("cli-jobs") / "server.log", ["--api-key", KEY]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # --- on a real server ------------------------------------------------------------------------------

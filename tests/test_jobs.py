@@ -218,17 +218,13 @@ def test_a_job_sends_its_webhooks_signed_to_a_loopback_receiver(tiny_weights, tm
 
 
 def test_a_job_whose_worker_dies_runs_again(tiny_weights, tmp_path):
-    server = ServerProcess(tiny_weights, tmp_path / "server.log", ["--api-key", KEY])
-    try:
-        server.wait_healthy()
+    with ServerProcess(tiny_weights, tmp_path / "server.log", ["--api-key", KEY]) as server:
         job = submit(server.http, png(64, 64), **{**SLOW, "num_inference_steps": "60"}).json()
         wait_for(server.http, job["id"], statuses=("running",))
         os.kill(server.inference_worker_pid(), signal.SIGKILL)
         finished = wait_for(server.http, job["id"], seconds=300)
         assert finished["status"] == "succeeded" and finished["attempts"] == 2, finished
         assert result_image(finished).size == (128, 128)
-    finally:
-        server.stop()
 
 
 def test_jobs_survive_a_sigkilled_server_and_each_finishes_exactly_once(tiny_weights, tmp_path):

@@ -27,12 +27,8 @@ pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="needs Node
 def server(tiny_weights, tmp_path_factory):
     if not (JS / "node_modules" / "openai").is_dir():
         pytest.fail("the JavaScript SDK is not installed: run `npm ci --prefix tests/js`")
-    process = ServerProcess(tiny_weights, tmp_path_factory.mktemp("js") / "server.log", ["--api-key", KEY])
-    try:
-        process.wait_healthy()
+    with ServerProcess(tiny_weights, tmp_path_factory.mktemp("js") / "server.log", ["--api-key", KEY]) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")

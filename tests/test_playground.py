@@ -51,12 +51,9 @@ new MutationObserver(() => {
 
 @pytest.fixture(scope="module")
 def server(tiny_weights, tmp_path_factory):
-    process = ServerProcess(tiny_weights, tmp_path_factory.mktemp("playground") / "server.log", ["--api-key", KEY])
-    try:
-        process.wait_healthy()
+    log = tmp_path_factory.mktemp("playground") / "server.log"
+    with ServerProcess(tiny_weights, log, ["--api-key", KEY]) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -463,12 +463,8 @@ def test_the_limits_are_set_from_the_command_line(tiny_weights, monkeypatch):
 @pytest.fixture(scope="module")
 def served(tiny_weights, tmp_path_factory):
     options = ["--api-key", KEY, "--queue-timeout", str(QUEUE_TIMEOUT), "--upload-timeout", str(UPLOAD_TIMEOUT)]
-    server = ServerProcess(tiny_weights, tmp_path_factory.mktemp("server") / "server.log", options)
-    try:
-        server.wait_healthy()
+    with ServerProcess(tiny_weights, tmp_path_factory.mktemp("server") / "server.log", options) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def in_background(function) -> tuple[threading.Thread, list]:

@@ -32,13 +32,9 @@ def png(width: int = 40, height: int = 32) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tiny_weights, tmp_path_factory):
-    process = ServerProcess(tiny_weights, tmp_path_factory.mktemp("stream") / "server.log",
-                            ["--api-key", KEY, "--max-compute-seconds", "20"])
-    try:
-        process.wait_healthy()
+    options = ["--api-key", KEY, "--max-compute-seconds", "20"]
+    with ServerProcess(tiny_weights, tmp_path_factory.mktemp("stream") / "server.log", options) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def sse_lines(server, image: bytes, timeout: float = 120, **fields):
