@@ -129,7 +129,7 @@ class S3ResultStore:
                 s3.put_object(Bucket=self.location.bucket, Key=self.location.key(name), Body=data,
                               ContentType=media_type(name), IfNoneMatch="*")
             except s3.exceptions.ClientError as error:
-                if _status(error) == 412:
+                if error_status(error) == 412:
                     raise FileExistsError(f"{self.location.key(name)} already exists in {self.location}") from None
                 raise
         with self._lock:
@@ -146,7 +146,7 @@ class S3ResultStore:
             try:
                 answer = s3.get_object(Bucket=self.location.bucket, Key=self.location.key(name))
             except s3.exceptions.ClientError as error:
-                if _status(error) == 404:
+                if error_status(error) == 404:
                     return None
                 raise
         if time.time() - answer["LastModified"].timestamp() > self.ttl_seconds:
@@ -229,6 +229,6 @@ class S3ResultStore:
             raise StorageUnavailable(f"{doing} {self.location} (endpoint {endpoint}): {error}") from error
 
 
-def _status(error: Any) -> int | None:
+def error_status(error: Any) -> int | None:
     """The HTTP status of a boto3 `ClientError`."""
     return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from clarity.api.results.s3 import S3Location, require_boto3
+from clarity.api.results.s3 import S3Location, error_status, require_boto3
 from clarity.errors import ParamError
 
 #: Inputs taken from a folder or prefix (anything else there is left alone); as for a local batch.
@@ -128,7 +128,7 @@ def exists(target: str) -> bool:
     try:
         client.head_object(Bucket=bucket, Key=key)
     except client.exceptions.ClientError as error:
-        if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+        if error_status(error) == 404:
             return False
         raise
     return True
@@ -148,7 +148,7 @@ def _put_if_absent(target: str, data: bytes) -> bool:
     try:
         client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
     except client.exceptions.ClientError as error:
-        if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+        if error_status(error) == 412:
             return False
         raise
     return True
