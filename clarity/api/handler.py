@@ -90,6 +90,7 @@ class EditHandler:
             self.upscalers[model_id] = Upscaler.from_pretrained(
                 **upscaler_kwargs(self.catalogue, model_id), device=device,
                 max_output_pixels=self.config.max_output_pixels, speed=self.config.speed,
+                cpu_workers=self.config.workers_per_device,  # on the CPU, the workers sharing its cores
             )
             metrics.record_model_load(model_id, time.monotonic() - started)
         metrics.record_gpu_memory(device)

@@ -26,6 +26,9 @@ What each option does and why:
   tensor cores; same results up to float rounding.
 - compile: `torch.compile` of the UNet and ControlNet forwards, in place (attributes such as
   `.dtype` stay reachable). The first calls, and calls with a new tile shape, compile.
+- threads: torch's CPU threads for this process (engine/threads.py): auto divides the CPUs
+  the process may use (a container's quota included) among the workers sharing them, or
+  follows OMP_NUM_THREADS when it is set.
 - cpu_offload: the text encoder, UNet and ControlNet wait on the CPU and move to the device
   when they run (accelerate's `cpu_offload_with_hook` chain, as diffusers'
   `enable_model_cpu_offload`); for GPUs too small to hold everything. The VAE stays on the
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from clarity.engine.threads import set_cpu_threads
 from clarity.errors import ParamError
 from clarity.options import option
 
@@ -77,6 +81,10 @@ class SpeedOptions:
     cpu_offload: bool = option(
         False, "Keep models on the CPU between their calls, for GPUs too small to hold them all."
     )
+    threads: int = option(
+        0, "Torch threads per process on the CPU: 0 = auto (OMP_NUM_THREADS if set, else the CPUs this process may"
+        " use, after a container's CPU quota, divided among the workers sharing them).", min=0,
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -90,6 +98,8 @@ class SpeedOptions:
                 "vae_channels_last", f"--vae-channels-last must be one of {', '.join(VAE_CHANNELS_LAST_CHOICES)};"
                 f" got {self.vae_channels_last!r}",
             )
+        if self.threads < 0:
+            raise ParamError("threads", f"--threads must be 0 (auto) or a positive number; got {self.threads}")
         if self.compile and self.cpu_offload:
             raise ParamError(
                 "compile", "--compile and --cpu-offload do not go together: offloading swaps the module's"
@@ -110,6 +120,8 @@ class AccelerationReport:
     vae_channels_last: bool = False
     compiled: list[str] = field(default_factory=list)
     cpu_offload: bool = False
+    #: torch's intra-op threads when the models run on the CPU (--threads); None on CUDA.
+    cpu_threads: int | None = None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -208,9 +220,13 @@ def prepare_vae(vae: torch.nn.Module, options: SpeedOptions, device: torch.devic
 
 
 def apply_speed_options(
-    pipeline: TiledUpscalePipeline, options: SpeedOptions, device: torch.device
+    pipeline: TiledUpscalePipeline, options: SpeedOptions, device: torch.device, cpu_workers: int = 1
 ) -> AccelerationReport:
-    """Set up the loaded `pipeline` (already on `device` in its dtype, the VAE in float32) as `options` ask."""
+    """Set up the loaded `pipeline` (already on `device` in its dtype, the VAE in float32) as `options` ask.
+
+    On the CPU this also sets the process's torch threads (engine/threads.py), `cpu_workers` being
+    the processes of this machine that upscale on its CPUs at once.
+    """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     vae_channels_last = prepare_vae(pipeline.vae, options, device)
@@ -244,6 +260,7 @@ def apply_speed_options(
         vae_channels_last=vae_channels_last,
         compiled=compiled,
         cpu_offload=options.cpu_offload,
+        cpu_threads=set_cpu_threads(options.threads, cpu_workers) if device.type == "cpu" else None,
     )
     logger.info("models run with %s", report)
     return report

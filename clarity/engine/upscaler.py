@@ -136,6 +136,7 @@ class Upscaler:
         upscalers_dir: str | Path | None = None,
         safety_checker_dir: str | Path | None = None,
         name: str = "clarity-upscaler",
+        cpu_workers: int = 1,
     ) -> Upscaler:
         """Load a model folder or `ModelSource` (see weights/README.md) onto `device` (default: CUDA if present).
 
@@ -144,7 +145,8 @@ class Upscaler:
         embeddings named in prompts are loaded from `lora_dir` and `embeddings_dir` when a prompt
         first uses them; `upscalers_dir` holds the ESRGAN-family models `params.upscaler` may
         name, `safety_checker_dir` the safety checker `params.enable_safety_checker` uses. `name`
-        is the model id reported in `stats.model`.
+        is the model id reported in `stats.model`. `cpu_workers` is how many processes of this
+        machine upscale on its CPUs at once (`speed.threads` auto divides the CPUs among them).
         """
         from clarity.models.loading import load_components
 
@@ -162,7 +164,7 @@ class Upscaler:
             lora_dir=lora_dir,
             embeddings_dir=embeddings_dir,
         )
-        acceleration = apply_speed_options(pipeline, speed, device)
+        acceleration = apply_speed_options(pipeline, speed, device, cpu_workers)
         return cls(
             pipeline, name=name, tiny_model=parts.is_tiny, random_model=parts.is_random,
             max_output_pixels=max_output_pixels,
