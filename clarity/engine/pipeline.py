@@ -158,7 +158,7 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
         encoded = self.encode_prompt(settings.prompt, settings.negative_prompt, do_cfg)
         prompt_embeds = encoded.embeds
         stats.prompt_windows, stats.loras, stats.embeddings = encoded.windows, encoded.loras, encoded.embeddings
-        stats.seconds["encode_prompt"] = time.perf_counter() - started
+        stats.seconds["encode_prompt"] = self.seconds_since(started)
 
         # 4. Prepare latents: encode the padded image and noise it to the first timestep.
         started = time.perf_counter()
@@ -168,7 +168,7 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
             padded, scheduler, timesteps[:1], generator, settings.vae_tile_size, settings.wrap
         )
         control_image = padded.to(device=self.device, dtype=self.controlnet.dtype)
-        stats.seconds["vae_encode"] = time.perf_counter() - started
+        stats.seconds["vae_encode"] = self.seconds_since(started)
 
         # 5. Plan tiles
         plan = plan_tiles(
@@ -186,7 +186,7 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
         latents = self.denoise(
             latents, timesteps, scheduler, generator, plan, prompt_embeds, control_image, settings, stats, on_step
         )
-        stats.seconds["denoise"] = time.perf_counter() - started
+        stats.seconds["denoise"] = self.seconds_since(started)
 
         # 7. Decode, and crop the padding away.
         started = time.perf_counter()
@@ -196,8 +196,15 @@ class TiledUpscalePipeline(StableDiffusionLoraLoaderMixin, TextualInversionLoade
         margin = 2 * vae_ops.DECODER_CONTEXT if settings.wrap else 0
         vae_plan = vae_ops.tile_plan(latents.shape[-2] + margin, latents.shape[-1] + margin, settings.vae_tile_size)
         stats.vae_tiles = 1 if vae_plan is None else len(vae_plan.tiles)
-        stats.seconds["vae_decode"] = time.perf_counter() - started
+        stats.seconds["vae_decode"] = self.seconds_since(started)
         return result, stats
+
+    def seconds_since(self, started: float) -> float:
+        """Seconds since `started` (`time.perf_counter()`) once the device has done the work queued so far: CUDA
+        runs asynchronously, so without the wait a stage's time would show up in the next one's (stats)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     def check_inputs(self, image: torch.Tensor, settings: PassSettings) -> None:
         if image.ndim != 4 or image.shape[:2] != (1, 3):
