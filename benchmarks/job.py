@@ -69,36 +69,54 @@ def run_job(engine: str, weights: Path, side: int) -> dict:
         upscaler.upscale(source, params)
         seconds = time.perf_counter() - started
     else:
-        from diffusers import StableDiffusionControlNetImg2ImgPipeline
-
-        from clarity.engine.preupscale import lanczos
-        from clarity.engine.schedulers import make_scheduler
-
-        ours = upscaler.pipeline
-        naive = StableDiffusionControlNetImg2ImgPipeline(
-            vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer, unet=ours.unet,
-            controlnet=ours.controlnet, scheduler=make_scheduler(params.scheduler, ours.scheduler_config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        naive.set_progress_bar_config(disable=True)
-        if engine == "naive_fast_vae":
-            _cast_vae_inputs(naive.vae)
-        if engine == "naive_vae_tiling":
-            naive.vae.enable_tiling()
-            naive.vae.tile_sample_min_size = NAIVE_VAE_TILE
-            naive.vae.tile_latent_min_size = NAIVE_VAE_TILE // 8
+        naive = naive_pipeline(upscaler, params, engine)
         started = time.perf_counter()
-        image = lanczos(source, (side, side))
-        naive(
-            prompt=params.prompt, negative_prompt=params.negative_prompt, image=image, control_image=image,
-            strength=STRENGTH, guidance_scale=GUIDANCE, num_inference_steps=STEPS,
-            controlnet_conditioning_scale=params.resemblance, generator=torch.Generator("cpu").manual_seed(SEED),
-        )
+        run_naive(naive, source, side, params)
         seconds = time.perf_counter() - started
     report = upscaler.acceleration
     return {"seconds": seconds, "rss_after_loading_mb": round(loaded_rss), "peak_rss_mb": round(_rss_mb()),
             "torch_threads": torch.get_num_threads(),
             "vae": {"dtype": report.vae_dtype, "channels_last": report.vae_channels_last} if report else None}
+
+
+def naive_pipeline(upscaler, params, engine: str = "naive"):
+    """diffusers' `StableDiffusionControlNetImg2ImgPipeline` built from `upscaler`'s components, with the
+    scheduler of `params`; `naive_vae_tiling` turns on the VAE's tiling at SD1.5's tile size, `naive_fast_vae`
+    lets it run a VAE of another dtype than float32 (`_cast_vae_inputs`)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from clarity.engine.schedulers import make_scheduler
+
+    ours = upscaler.pipeline
+    naive = StableDiffusionControlNetImg2ImgPipeline(
+        vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer, unet=ours.unet,
+        controlnet=ours.controlnet, scheduler=make_scheduler(params.scheduler, ours.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    naive.set_progress_bar_config(disable=True)
+    if engine == "naive_fast_vae":
+        _cast_vae_inputs(naive.vae)
+    if engine == "naive_vae_tiling":
+        naive.vae.enable_tiling()
+        naive.vae.tile_sample_min_size = NAIVE_VAE_TILE
+        naive.vae.tile_latent_min_size = NAIVE_VAE_TILE // 8
+    return naive
+
+
+def run_naive(naive, source, side: int, params) -> None:
+    """The job of `params` through the naive pipeline: `source` Lanczos-upscaled to side x side (also the
+    ControlNet-tile condition), then img2img at creativity as strength, dynamic as guidance and resemblance
+    as ControlNet scale."""
+    import torch
+
+    from clarity.engine.preupscale import lanczos
+
+    image = lanczos(source, (side, side))
+    naive(
+        prompt=params.prompt, negative_prompt=params.negative_prompt, image=image, control_image=image,
+        strength=params.creativity, guidance_scale=params.dynamic, num_inference_steps=params.num_inference_steps,
+        controlnet_conditioning_scale=params.resemblance, generator=torch.Generator("cpu").manual_seed(params.seed),
+    )
 
 
 def _cast_vae_inputs(vae) -> None:

@@ -112,3 +112,16 @@ def test_preview_benchmark_times_previews_steps_and_uncalled_previews(upscaler):
     assert row["preview_share_of_step"] == pytest.approx(row["preview_seconds"] / row["step_seconds"])
     alone = latent_alone(upscaler.pipeline.scheduler_config, upscaler.device)
     assert 0 < alone["uncalled_preview_seconds"] < alone["map_seconds"] < alone["preview_seconds"]
+
+
+def test_the_gpu_check_says_why_it_skips_without_cuda(tmp_path):
+    import torch
+
+    from benchmarks.gpu import main
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the check would run for minutes")
+    output = tmp_path / "gpu.json"
+    assert main(["--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert result["rows"] == [] and "no CUDA device" in result["skipped"]
