@@ -1,7 +1,8 @@
 """One upscale in a fresh process: `python -m benchmarks.job ENGINE --weights DIR --side PX`.
 
 Prints one JSON line: the job's wall time (model loading excluded), the process's resident
-memory after loading and its peak (ru_maxrss, loading included). Engines:
+memory after loading and its peak (ru_maxrss, loading included), and for Clarity's engines the
+seconds of each stage (pre-upscale, VAE encode, denoise, VAE decode, ...). Engines:
 
 - `clarity`: this engine (`Upscaler.upscale`, scale 2 from a side/2 input);
 - `naive`: diffusers' `StableDiffusionControlNetImg2ImgPipeline` on the whole Lanczos
@@ -64,10 +65,12 @@ def run_job(engine: str, weights: Path, side: int) -> dict:
     loaded_rss = _current_rss_mb()
     if engine == "clarity_no_denoiser":
         _answer_zeros(upscaler.pipeline)
+    stages = None
     if engine in ("clarity", "clarity_no_denoiser"):
         started = time.perf_counter()
-        upscaler.upscale(source, params)
+        stats = upscaler.upscale(source, params).stats
         seconds = time.perf_counter() - started
+        stages = {stage: round(value, 2) for stage, value in stats.seconds_by_stage.items()}
     else:
         naive = naive_pipeline(upscaler, params, engine)
         started = time.perf_counter()
@@ -75,7 +78,7 @@ def run_job(engine: str, weights: Path, side: int) -> dict:
         seconds = time.perf_counter() - started
     report = upscaler.acceleration
     return {"seconds": seconds, "rss_after_loading_mb": round(loaded_rss), "peak_rss_mb": round(_rss_mb()),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "seconds_by_stage": stages,
             "vae": {"dtype": report.vae_dtype, "channels_last": report.vae_channels_last} if report else None}
 
 
