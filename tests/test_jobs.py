@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from conftest import ServerProcess, make_test_image, running_server
 from PIL import Image
 
 from clarity.api.jobs import IdempotencyConflict, JobsFull, NewJob, WrongState
+from clarity.api.runner import POLL_SECONDS
 from clarity.api.sqlite_jobs import SQLiteJobStore
 
 KEY = "sk-jobs-test"
@@ -214,6 +216,46 @@ def test_a_job_sends_its_webhooks_signed_to_a_loopback_receiver(tiny_weights, tm
     assert len(set(receiver.ids())) == len(receiver.ids())  # one id per event
 
 
+def test_a_completed_webhook_cut_short_by_a_killed_server_is_sent_after_it_restarts(tiny_weights, tmp_path):
+    from test_webhooks import Receiver, new_secret
+
+    receiver = Receiver([503])  # down for now: every try fails and is retried
+    options = ["--api-key", KEY, "--data-dir", str(tmp_path / "data"), "--webhook-secret", new_secret(),
+               "--webhook-allow", "127.0.0.1/32"]
+    with ServerProcess(tiny_weights, tmp_path / "first.log", options) as server:
+        done = submit(server.http, png(), webhook_url=receiver.url).json()
+        wait_for(server.http, done["id"])
+        deadline = time.monotonic() + 30
+        while not receiver.received:
+            assert time.monotonic() < deadline, "no try of the job.completed webhook"
+            time.sleep(0.1)
+        port = server.port
+    # SIGKILLed on leaving the block, its delivery still being retried.
+    receiver.statuses = [200]
+    tried_before = len(receiver.received)
+    first_id = receiver.ids()[0]
+    with ServerProcess(tiny_weights, tmp_path / "second.log", options, port=port) as server:
+        deadline = time.monotonic() + 60
+        while len(receiver.received) == tried_before:
+            assert time.monotonic() < deadline, "the due webhook was not sent after the restart"
+            time.sleep(0.1)
+        assert receiver.ids()[tried_before] == first_id  # the same message: receivers drop repeats by its id
+        # A job cancelled while queued (behind a slow one on the one worker) sends its completed webhook too.
+        slow = submit(server.http, png(64, 64), **SLOW).json()
+        queued = submit(server.http, png(), webhook_url=receiver.url).json()
+        assert server.http.post(f"/v1/jobs/{queued['id']}/cancel", headers=AUTH).json()["status"] == "cancelled"
+        deadline = time.monotonic() + 30
+        while len(receiver.received) == tried_before + 1:
+            assert time.monotonic() < deadline, "no job.completed webhook for the cancelled job"
+            time.sleep(0.1)
+        event = json.loads(receiver.received[-1][2])
+        assert event["type"] == "job.completed" and event["data"]["id"] == queued["id"]
+        assert event["data"]["status"] == "cancelled"
+        server.http.post(f"/v1/jobs/{slow['id']}/cancel", headers=AUTH)
+        time.sleep(2 * POLL_SECONDS)  # a delivered webhook is due no more: nothing is sent twice
+    assert len(receiver.received) == tried_before + 2
+
+
 # --- nothing lost: a dead worker, a killed server ------------------------------------------------------
 
 
@@ -336,3 +378,36 @@ def test_expired_jobs_are_purged(tmp_path):
     store.claim_next()
     store.finish(job.id, "succeeded", result={})
     assert store.purge_expired() == 1 and store.get(job.id) is None
+
+
+def test_a_finished_job_with_a_completed_webhook_stays_due_until_it_is_sent(store):
+    wanted, _ = store.create(new_job(webhook_url="http://127.0.0.1:9/hook", webhook_events=("completed",)))
+    unwanted, _ = store.create(new_job(webhook_url="http://127.0.0.1:9/hook", webhook_events=("started",)))
+    silent, _ = store.create(new_job())
+    assert store.due_webhooks() == []
+    for job in (wanted, unwanted, silent):
+        store.claim_next()
+        store.finish(job.id, "succeeded", result={})
+    assert [job.id for job in store.due_webhooks()] == [wanted.id]
+    reopened = SQLiteJobStore(store.path, store.ttl_seconds, store.max_jobs, store.max_bytes)  # a restart
+    assert [job.id for job in reopened.due_webhooks()] == [wanted.id]
+    reopened.webhook_sent(wanted.id)
+    assert store.due_webhooks() == []
+
+
+def test_a_job_file_of_an_earlier_version_gains_the_webhook_column(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE jobs (number INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, kind TEXT"
+                " NOT NULL, status TEXT NOT NULL, model TEXT NOT NULL, base_url TEXT NOT NULL, created_at REAL NOT"
+                " NULL, started_at REAL, finished_at REAL, expires_at REAL, progress REAL NOT NULL DEFAULT 0,"
+                " attempts INTEGER NOT NULL DEFAULT 0, dispatched INTEGER NOT NULL DEFAULT 0, cancel_requested"
+                " INTEGER NOT NULL DEFAULT 0, partial_images INTEGER NOT NULL DEFAULT 0, idempotency_key TEXT UNIQUE,"
+                " request_hash TEXT, webhook_url TEXT, webhook_events TEXT NOT NULL DEFAULT '', body BLOB,"
+                " content_type TEXT, stored_bytes INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT)")
+    old.execute("INSERT INTO jobs (id, kind, status, model, base_url, created_at) VALUES"
+                " ('job_old', 'job', 'succeeded', 'm', 'http://x', 0)")
+    old.commit()
+    old.close()
+    store = SQLiteJobStore(path, ttl_seconds=60, max_jobs=3, max_bytes=10**6)
+    assert store.get("job_old").status == "succeeded" and store.due_webhooks() == []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,6 +65,8 @@ class JobRunner:
         self.stopping = stopping
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Jobs whose `completed` webhook is being delivered now (the store keeps it due until it ends).
+        self._sending: set[str] = set()
 
     def wake(self) -> None:
         """A job was submitted: look for it now."""
@@ -76,12 +79,16 @@ class JobRunner:
             logger.info("jobs after restart: %d queued again, %d streamed edits failed (their clients left)",
                         requeued, lost)
         slots = asyncio.Semaphore(self.concurrency)
-        while True:
-            await slots.acquire()
-            job_input = await self._next_job()
-            task = asyncio.create_task(self._run_one(job_input), name=f"clarity-job-{job_input.id}")
-            self._tasks.add(task)
-            task.add_done_callback(lambda done: (self._tasks.discard(done), slots.release()))
+        webhooks = asyncio.create_task(self._send_due_webhooks_forever(), name="clarity-job-webhooks")
+        try:
+            while True:
+                await slots.acquire()
+                job_input = await self._next_job()
+                task = asyncio.create_task(self._run_one(job_input), name=f"clarity-job-{job_input.id}")
+                self._tasks.add(task)
+                task.add_done_callback(lambda done: (self._tasks.discard(done), slots.release()))
+        finally:
+            webhooks.cancel()
 
     async def _next_job(self) -> JobInput:
         while True:
@@ -131,7 +138,7 @@ class JobRunner:
             finished = self.store.finish(job_id, "failed", error=error)
         if finished is not None:
             logger.info("job %s %s", job_id, finished.status)
-            self._notify(finished, "completed")
+            self.send_due_webhooks()
 
     async def _watch(self, job_id: str) -> None:
         """Send the started and progress webhooks of a job while it runs."""
@@ -151,9 +158,44 @@ class JobRunner:
                 reported = job.progress
                 self._notify(job, "progress")
 
-    def _notify(self, job: Job, event: str) -> None:
+    async def _send_due_webhooks_forever(self) -> None:
+        """Every `POLL_SECONDS`: the `completed` webhooks the store holds due (jobs cancelled while queued,
+        and after a restart those the previous run had not delivered)."""
+        while True:
+            try:
+                self.send_due_webhooks()
+            except Exception:  # the store is busy or gone for a moment: try again at the next look
+                logger.exception("sending due job webhooks failed")
+            await asyncio.sleep(POLL_SECONDS)
+
+    def send_due_webhooks(self) -> None:
+        """Start the delivery of each due `completed` webhook not being delivered already. Each stays due in
+        the store until its delivery ends for good, so one cut short by a stop is sent again after the start."""
+        for job in self.store.due_webhooks():
+            if job.id in self._sending:
+                continue
+            if self.webhooks is None:
+                logger.warning("job %s: its completed webhook is not sent: this server has no webhook secret",
+                               job.id)
+                self.store.webhook_sent(job.id)
+                continue
+            try:
+                taken = self._notify(job, "completed", on_end=functools.partial(self._webhook_ended, job.id))
+            except ValueError:  # a URL that can never be sent to (checked at submission: not expected)
+                logger.exception("job %s: its completed webhook cannot be sent", job.id)
+                self.store.webhook_sent(job.id)
+                continue
+            if taken:  # else the sender was full or stopping: it stays due, for the next look
+                self._sending.add(job.id)
+
+    def _webhook_ended(self, job_id: str, outcome: str) -> None:
+        self._sending.discard(job_id)
+        self.store.webhook_sent(job_id)
+
+    def _notify(self, job: Job, event: str, on_end: Callable[[str], None] | None = None) -> bool:
+        """Send `event` of `job` if it asked for it; whether the sender took it (True too when not asked for)."""
         if self.webhooks is None or not job.webhook_url or event not in job.webhook_events:
-            return
+            return True
         # The same event of the same run keeps its id, so a receiver can drop repeats by it.
         message_id = f"{job.id}.{event}.{job.attempts}.{int(job.progress * 100)}"
-        self.webhooks.send(job.webhook_url, event, job.to_dict(), message_id=message_id)
+        return self.webhooks.send(job.webhook_url, event, job.to_dict(), message_id=message_id, on_end=on_end)

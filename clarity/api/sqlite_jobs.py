@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_hash TEXT,
     webhook_url TEXT,
     webhook_events TEXT NOT NULL DEFAULT '',
+    webhook_due INTEGER NOT NULL DEFAULT 0,
     body BLOB,
     content_type TEXT,
     stored_bytes INTEGER NOT NULL DEFAULT 0,
@@ -71,6 +72,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, number);
+CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (number) WHERE webhook_due = 1;
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -98,7 +100,15 @@ class SQLiteJobStore:
         self.max_bytes = max_bytes
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._add_missing_columns()
         self._db().executescript(_SCHEMA)  # its own transaction
+
+    def _add_missing_columns(self) -> None:
+        """Bring a file written by an earlier version up to `_SCHEMA` (columns added since default sensibly)."""
+        db = self._db()
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        if columns and "webhook_due" not in columns:  # no columns: a new file, made whole by _SCHEMA
+            db.execute("ALTER TABLE jobs ADD COLUMN webhook_due INTEGER NOT NULL DEFAULT 0")
 
     def __getstate__(self) -> dict[str, Any]:
         return {name: value for name, value in self.__dict__.items() if name != "_local"}
@@ -257,14 +267,29 @@ class SQLiteJobStore:
         now = time.time()
         result_text = json.dumps(result) if result is not None else None
         with self._transaction() as db:
+            # The job's `completed` webhook, if it asked for one, is due from now until it has been sent
+            # (`due_webhooks`, `webhook_sent`): a restart in between sends it then.
             changed = db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, expires_at = ?, result = ?, error = ?, body = NULL,"
-                " stored_bytes = ?, progress = CASE WHEN ? = 'succeeded' THEN 1 ELSE progress END"
+                " stored_bytes = ?, progress = CASE WHEN ? = 'succeeded' THEN 1 ELSE progress END,"
+                " webhook_due = (webhook_url IS NOT NULL AND instr(',' || webhook_events || ',', ',completed,') > 0)"
                 " WHERE id = ? AND status NOT IN ('succeeded', 'failed', 'cancelled')",
                 (status, now, now + self.ttl_seconds, result_text, json.dumps(error) if error else None,
                  len(result_text or ""), status, job_id),
             ).rowcount
             return self._get(db, job_id) if changed else None
+
+    def due_webhooks(self, limit: int = 100) -> list[Job]:
+        """Finished jobs whose `completed` webhook has not been sent yet, oldest first."""
+        db = self._db()
+        rows = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE webhook_due = 1 ORDER BY number LIMIT ?",
+                          (limit,)).fetchall()
+        return [self._job(db, row) for row in rows]
+
+    def webhook_sent(self, job_id: str) -> None:
+        """The job's `completed` webhook has ended (delivered, or given up for good): it is no longer due."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET webhook_due = 0 WHERE id = ?", (job_id,))
 
     def requeue(self, job_id: str, count_attempt: bool = False) -> None:
         """Put a job whose run was lost (its worker died, the queue was full) back in line, to run from the

@@ -22,6 +22,7 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -231,6 +232,8 @@ class _Message:
     url: httpx.URL
     type: str
     body: str
+    #: Called with the outcome when the delivery ends for good (not when it is cancelled at shutdown).
+    on_end: Callable[[str], None] | None = None
 
     @property
     def host(self) -> str:
@@ -288,11 +291,15 @@ class WebhookSender:
                                             " (--webhook-secret or $CLARITY_WEBHOOK_SECRET)")
         return WebhookTarget(await check_webhook_url(url, self.allow), parse_webhook_events(events))
 
-    def send(self, url: str, event: str, data: dict[str, Any], message_id: str | None = None) -> None:
+    def send(self, url: str, event: str, data: dict[str, Any], message_id: str | None = None,
+             on_end: Callable[[str], None] | None = None) -> bool:
         """Deliver the event `job.<event>` with `data` to `url` (a `WebhookTarget.url`) in the background,
         and return at once; call it on the event loop's thread. `message_id` is its webhook-id, by which
         receivers drop repeats (default: a new random one); `data` must be JSON-serialisable. The URL's
-        form is checked here (`parse_webhook_url`), its host before every try."""
+        form is checked here (`parse_webhook_url`), its host before every try. `on_end(outcome)` is called
+        on the loop when the delivery has ended for good (delivered, gone, refused, gave_up), not when it
+        is cancelled at shutdown. Returns whether it was taken: False when it was dropped (too many pending,
+        or shutting down; logged)."""
         if event not in WEBHOOK_EVENTS:
             raise ValueError(f"unknown webhook event {event!r}")
         if not self._signers:
@@ -300,15 +307,16 @@ class WebhookSender:
         message_id = message_id or f"msg_{uuid.uuid4().hex}"
         if not _MESSAGE_ID.fullmatch(message_id):
             raise ValueError(f"a webhook-id is 1-200 letters, digits and _.:-; got {message_id!r}")
-        message = _Message(message_id, parse_webhook_url(url), f"job.{event}", _body(f"job.{event}", data))
+        message = _Message(message_id, parse_webhook_url(url), f"job.{event}", _body(f"job.{event}", data), on_end)
         if self._closing or len(self._tasks) >= self.max_pending:
             why = "the server is shutting down" if self._closing else f"{self.max_pending:,} deliveries are pending"
             logger.error("webhook %s %s to %s dropped: %s", message.type, message.id, message.host, why)
             record_webhook_delivery("dropped")
-            return
+            return False
         task = asyncio.get_running_loop().create_task(self._deliver(message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
     @property
     def pending(self) -> int:
@@ -346,6 +354,11 @@ class WebhookSender:
             _log_end(message, _Try("cancelled", "the server shut down"), tries)
             raise
         _log_end(message, result, tries)
+        if message.on_end is not None:
+            try:
+                message.on_end(result.outcome)
+            except Exception:  # the sender outlives any one callback
+                logger.exception("webhook %s %s: recording its end failed", message.type, message.id)
 
     async def _try(self, message: _Message) -> _Try:
         """One try: the host checked against the allow-list again (names resolved anew), then one POST."""
