@@ -3,9 +3,11 @@
 Built in each replica (Serve's late-bound ingress: `__serve_build_asgi_app__`), in the order a
 request meets it:
 
+    HTTPMetricsMiddleware  every request counted by route template and status (api/metrics.py)
     GuardMiddleware     bearer key, body size and upload time limits, multipart checks (api/http.py)
     EditsRouter         an edit's body read whole; stream=true -> StreamedEdits (a job relayed as SSE)
     routes              POST /v1/images/edits -> an upscaler replica (calls.call_upscaler);
+                        GET /metrics -> the Clarity metrics of every node, merged (metrics.py);
                         /health, /v1/models, result files, /v1/jobs, /docs (the API core's routes)
 
 It runs on the head node, beside Serve's controller and proxy: a worker node that dies takes its
