@@ -2,11 +2,13 @@
 event the HTTP front end, the handler and the runtime report, and the `/metrics` route.
 
 Written once for every runtime. A runtime's processes (HTTP front ends, inference workers, its
-supervisor) each record their own events, so collection is prometheus_client's multiprocess mode:
-each process writes its values to files in one folder, and `/metrics` sums them. The runtime calls
-`use_multiprocess_dir()` in its main process before it starts any other; the processes it starts
-inherit the folder through the environment. Outside a server (the Python API, the CLI, unit tests)
-nothing is recorded and prometheus_client is never imported.
+supervisor) each record their own events into the process's `Recorder`. On one machine that is
+prometheus_client's multiprocess mode (`MultiprocessRecorder`): each process writes its values to files
+in one folder, and `/metrics` sums them. The runtime calls `use_multiprocess_dir()` in its main process
+before it starts any other; the processes it starts inherit the folder through the environment. A runtime
+with its own metrics system installs a recorder of its own in each process (`install_recorder`; the Ray
+runtime's is serving/ray/metrics.py), built from `SPECS`. Outside a server (the Python API, the CLI, unit
+tests) nothing is recorded and prometheus_client is never imported.
 
 Labels take bounded values only: a route template, a served model id (or `UNKNOWN_MODEL`), a
 status code, a device index, or one of a few fixed words.
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -104,8 +106,88 @@ SPECS = (
 #: Every metric name the server exports (the Grafana dashboard's test checks its queries against these).
 METRIC_NAMES = frozenset(spec.name for spec in SPECS)
 
-_metrics: dict[str, Any] = {}
+
+
+class Recorder(Protocol):
+    """Where one process's events go: each method takes the metric's spec and its label values."""
+
+    def inc(self, spec: MetricSpec, amount: float, labels: dict[str, str]) -> None:
+        """A counter grows by `amount` (> 0)."""
+
+    def observe(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
+        """A histogram counts `value`."""
+
+    def set(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
+        """A gauge is `value` now."""
+
+    def add(self, spec: MetricSpec, amount: float, labels: dict[str, str]) -> None:
+        """A gauge goes up (or down, `amount` < 0) by `amount`."""
+
+
+class MultiprocessRecorder:
+    """prometheus_client's metrics in multiprocess mode, one per spec: every process writes files in the folder
+    of `MULTIPROC_ENV`, and `exposition()` sums them."""
+
+    def __init__(self) -> None:
+        # Imported here, not at the top: it picks its multiprocess mode from the environment on import.
+        import prometheus_client
+
+        kinds = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge,
+                 "histogram": prometheus_client.Histogram}
+        self.metrics: dict[str, Any] = {}
+        for spec in SPECS:
+            options: dict[str, Any] = {"registry": None}
+            if spec.buckets:
+                options["buckets"] = spec.buckets
+            if spec.mode:
+                options["multiprocess_mode"] = spec.mode
+            self.metrics[spec.name] = kinds[spec.kind](spec.name, spec.help, spec.labels, **options)
+
+    def _child(self, spec: MetricSpec, labels: dict[str, str]) -> Any:
+        metric = self.metrics[spec.name]
+        return metric.labels(**labels) if labels else metric
+
+    def inc(self, spec: MetricSpec, amount: float, labels: dict[str, str]) -> None:
+        self._child(spec, labels).inc(amount)
+
+    def observe(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
+        self._child(spec, labels).observe(value)
+
+    def set(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
+        self._child(spec, labels).set(value)
+
+    def add(self, spec: MetricSpec, amount: float, labels: dict[str, str]) -> None:
+        self._child(spec, labels).inc(amount)
+
+    @staticmethod
+    def forget_process(pid: int) -> None:
+        """Drop the live gauges of the dead process `pid` (its counters stay counted)."""
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
+_recorder: Recorder | None = None
 _own_dir: Path | None = None
+
+
+def install_recorder(recorder: Recorder) -> None:
+    """Make this process record into `recorder` (a runtime with a metrics system of its own calls it in each of
+    its processes, before the first event). Raises `RuntimeError` if the process records somewhere else already."""
+    global _recorder
+    if _recorder is not None and _recorder is not recorder:
+        raise RuntimeError(f"this process records its metrics into {_recorder!r} already")
+    _recorder = recorder
+
+
+def installed_recorder() -> Recorder | None:
+    """This process's recorder: the installed one, else prometheus_client's multiprocess files when the runtime
+    set their folder (`use_multiprocess_dir`), else None (nothing is recorded)."""
+    global _recorder
+    if _recorder is None and MULTIPROC_ENV in os.environ:
+        _recorder = MultiprocessRecorder()
+    return _recorder
 
 
 def use_multiprocess_dir() -> Path:
@@ -125,42 +207,22 @@ def use_multiprocess_dir() -> Path:
     return _own_dir
 
 
-def _metric(name: str) -> Any | None:
-    """The prometheus_client metric `name`, built with all the others on first use; None outside a server."""
-    if not _metrics:
-        if MULTIPROC_ENV not in os.environ:
-            return None
-        # Imported here, not at the top: it picks its multiprocess mode from the environment on import.
-        import prometheus_client
-
-        kinds = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge,
-                 "histogram": prometheus_client.Histogram}
-        for spec in SPECS:
-            options: dict[str, Any] = {"registry": None}
-            if spec.buckets:
-                options["buckets"] = spec.buckets
-            if spec.mode:
-                options["multiprocess_mode"] = spec.mode
-            _metrics[spec.name] = kinds[spec.kind](spec.name, spec.help, spec.labels, **options)
-    return _metrics[name]
-
-
 def _inc(name: str, amount: float = 1.0, **labels: str) -> None:
-    metric = _metric(name)
-    if metric is not None and amount:
-        (metric.labels(**labels) if labels else metric).inc(amount)
+    recorder = installed_recorder()
+    if recorder is not None and amount:
+        recorder.inc(SPEC_BY_NAME[name], amount, labels)
 
 
 def _observe(name: str, value: float, **labels: str) -> None:
-    metric = _metric(name)
-    if metric is not None:
-        (metric.labels(**labels) if labels else metric).observe(value)
+    recorder = installed_recorder()
+    if recorder is not None:
+        recorder.observe(SPEC_BY_NAME[name], value, labels)
 
 
 def _set(name: str, value: float, **labels: str) -> None:
-    metric = _metric(name)
-    if metric is not None:
-        (metric.labels(**labels) if labels else metric).set(value)
+    recorder = installed_recorder()
+    if recorder is not None:
+        recorder.set(SPEC_BY_NAME[name], value, labels)
 
 
 # --- events of the HTTP front end ---------------------------------------------------------------------
@@ -204,15 +266,16 @@ def record_queue_wait(received_at: float | None) -> None:
 @contextlib.contextmanager
 def running() -> Iterator[None]:
     """Count an upscale as running for the duration of the block."""
-    gauge = _metric("clarity_requests_running")
-    if gauge is None:
+    recorder = installed_recorder()
+    if recorder is None:
         yield
         return
-    gauge.inc()
+    spec = SPEC_BY_NAME["clarity_requests_running"]
+    recorder.add(spec, 1, {})
     try:
         yield
     finally:
-        gauge.dec()
+        recorder.add(spec, -1, {})
 
 
 def record_output(model: str, images: int, megapixels: float, steps: int, denoise_seconds: float,
@@ -240,7 +303,7 @@ def record_model_load(model: str, seconds: float) -> None:
 
 def record_gpu_memory(device: str) -> None:
     """The GPU memory this worker holds on `device` ("cuda", "cuda:1"; nothing for other devices)."""
-    if not device.startswith("cuda") or _metric("clarity_gpu_memory_bytes") is None:
+    if not device.startswith("cuda") or installed_recorder() is None:
         return
     import torch  # only in a worker that runs on CUDA, where the engine has loaded it already
 
@@ -255,10 +318,9 @@ def record_gpu_memory(device: str) -> None:
 def record_worker_restart(dead_pid: int | None) -> None:
     """A dead worker is being replaced: count it, and drop the live gauges it left behind."""
     _inc("clarity_worker_restarts_total")
-    if dead_pid is not None and _metric("clarity_worker_restarts_total") is not None:
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(dead_pid)
+    recorder = installed_recorder()
+    if dead_pid is not None and isinstance(recorder, MultiprocessRecorder):
+        recorder.forget_process(dead_pid)
 
 
 # --- events of the webhook sender (HTTP process) -------------------------------------------------------

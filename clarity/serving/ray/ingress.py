@@ -3,9 +3,11 @@
 Built in each replica (Serve's late-bound ingress: `__serve_build_asgi_app__`), in the order a
 request meets it:
 
+    HTTPMetricsMiddleware  every request counted by route template and status (api/metrics.py)
     GuardMiddleware     bearer key, body size and upload time limits, multipart checks (api/http.py)
     EditsRouter         an edit's body read whole; stream=true -> StreamedEdits (a job relayed as SSE)
     routes              POST /v1/images/edits -> an upscaler replica (calls.call_upscaler);
+                        GET /metrics -> the Clarity metrics of every node, merged (metrics.py);
                         /health, /v1/models, result files, /v1/jobs, /docs (the API core's routes)
 
 It runs on the head node, beside Serve's controller and proxy: a worker node that dies takes its
@@ -24,7 +26,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clarity.api import wire
 from clarity.api.docs import install_docs
-from clarity.api.errors import APIError
 from clarity.api.handler import EditHandler
 from clarity.api.http import (
     HEALTH_PATH,
@@ -34,23 +35,22 @@ from clarity.api.http import (
     add_public_routes,
     early_error,
     install_error_handlers,
-    json_error,
     read_body,
     replay_body,
 )
 from clarity.api.job_routes import StreamedEdits, add_job_routes, asks_for_stream
 from clarity.api.logs import configure_logging
-from clarity.api.metrics import METRICS_PATH
+from clarity.api.metrics import METRICS_PATH, HTTPMetricsMiddleware
 from clarity.api.submit import JobSubmitter
 from clarity.api.webhooks import WebhookSender
 from clarity.serving.ray.calls import EditCall, call_upscaler
 from clarity.serving.ray.jobs import RayJobStore
+from clarity.serving.ray.metrics import cluster_exposition
+from clarity.serving.ray.metrics import install as install_metrics
 
 #: The header Ray Serve's proxy names each request with (the client's own, else one it makes up), and
 #: returns in the response: the request's id in Clarity's logs too.
 REQUEST_ID_HEADER = "x-request-id"
-NO_METRICS = ("Clarity's own metrics are not served with --ray yet. Ray exports its own (Serve's requests,"
-              " latencies and queue lengths per deployment) on each node's metrics port.")
 
 
 class EditsRouter:
@@ -82,6 +82,7 @@ class Ingress:
 
     def __init__(self, handler: EditHandler, upscaler: DeploymentHandle, jobs: RayJobStore) -> None:
         configure_logging(handler.config.log_level)
+        install_metrics()
         self.handler = handler
         self.upscaler = upscaler
         self.jobs = jobs
@@ -114,12 +115,17 @@ def build_app(handler: EditHandler, upscaler: DeploymentHandle, jobs: RayJobStor
 
     @app.get(METRICS_PATH, include_in_schema=False)
     async def metrics() -> Response:
-        return json_error(APIError(501, NO_METRICS, code="not_implemented"))
+        """The Clarity metrics of the whole cluster (every node's processes), as one machine serves its own."""
+        body, content_type = await cluster_exposition()
+        return Response(body, media_type=content_type)
 
-    # Each added middleware wraps the app so far: the guard ends up outermost.
+    # Each added middleware wraps the app so far: the metrics end up outermost (they count the guard's
+    # refusals), then the guard.
     app.add_middleware(EditsRouter, streamed=StreamedEdits(submitter, jobs))
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
-                       upload_timeout=config.upload_timeout, ready=lambda: True, open_paths=OPEN_PATHS)
+                       upload_timeout=config.upload_timeout, ready=lambda: True,
+                       open_paths=OPEN_PATHS | {METRICS_PATH} if config.metrics_public else OPEN_PATHS)
+    app.add_middleware(HTTPMetricsMiddleware, routes=lambda: app.router.routes)
     install_error_handlers(app)
     add_public_routes(app, list(handler.catalogue.models), handler.results)
     add_job_routes(app, submitter, jobs)

@@ -31,6 +31,7 @@ from clarity.api.runner import JobRunner
 from clarity.api.sqlite_jobs import open_job_store
 from clarity.api.webhooks import WebhookSender
 from clarity.serving.ray.calls import EditCall, call_upscaler
+from clarity.serving.ray.metrics import install as install_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class JobsActor:
 
     def __init__(self, config: ServerConfig, app_name: str, upscaler: str, concurrency: int) -> None:
         configure_logging(config.log_level)
+        install_metrics()  # the jobs gauge and the webhook deliveries
         self.app_name = app_name
         self.upscaler_name = upscaler
         self.store = open_job_store(config)

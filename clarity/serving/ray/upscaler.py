@@ -17,6 +17,7 @@ from clarity.api.errors import APIError
 from clarity.api.handler import EditHandler
 from clarity.api.logs import configure_logging
 from clarity.serving.ray.calls import Answer, EditCall, read_form
+from clarity.serving.ray.metrics import install as install_metrics
 
 
 class UpscalerReplica:
@@ -28,6 +29,7 @@ class UpscalerReplica:
 
     def __init__(self, handler: EditHandler, device: str) -> None:
         configure_logging(handler.config.log_level)  # a Ray worker starts with Python's defaults
+        install_metrics()  # before loading: the model loads are counted
         handler.load(device)
         self.handler = handler
 
