@@ -229,3 +229,33 @@ def test_a_name_never_stored_is_a_404_in_openais_shape(replicas):
     assert answer.status_code == 404
     error = answer.json()["error"]
     assert error["code"] == "file_not_found" and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_an_unreachable_bucket_is_a_503_to_retry_and_b64_still_works(tiny_weights, tmp_path):
+    # Its own S3 server, killed midway: the module's serves the other tests.
+    (tmp_path / "seaweedfs").mkdir()
+    s3 = SeaweedS3(tmp_path / "seaweedfs")
+    try:
+        s3.wait_ready()
+        s3.client().create_bucket(Bucket=BUCKET)
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in s3.environment.items():
+                patch.setenv(name, value)  # read by the server process started here
+            server = ServerProcess(tiny_weights, tmp_path / "server.log", ["--results", f"s3://{BUCKET}/down"])
+        with server:
+            stored = urlsplit(url_edit(server)).path
+            s3.stop()
+            client = openai.OpenAI(api_key="unused", base_url=server.url + "/v1", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as refused:
+                client.images.edit(model="clarity-upscaler", image=("photo.png", png(), "image/png"),
+                                   prompt="a photo", response_format="url", extra_body=FAST)
+            assert refused.value.status_code == 503 and refused.value.body["code"] == "storage_unavailable"
+            assert refused.value.response.headers["retry-after"]
+            assert "endpoint" not in refused.value.body["message"]  # where the bucket lives stays in the log
+            inline = client.images.edit(model="clarity-upscaler", image=("photo.png", png(), "image/png"),
+                                        prompt="a photo", response_format="b64_json", extra_body=FAST)
+            assert inline.data[0].b64_json
+            fetched = server.http.get(stored)
+            assert fetched.status_code == 503 and fetched.json()["error"]["code"] == "storage_unavailable"
+    finally:
+        s3.stop()

@@ -67,7 +67,8 @@ EDIT_ERRORS: dict[int, str] = {
     413: "The body is over `--max-payload-mb`.",
     429: "The queue is full (`queue_full`); retry later.",
     500: "The upscale failed on the server (details in its log).",
-    503: "The workers are loading or restarting, or the server is shutting down; retry after `Retry-After`.",
+    503: "The workers are loading or restarting, the server is shutting down, or url mode's result storage is "
+         "unreachable (`storage_unavailable`); retry after `Retry-After`.",
     504: "The request waited too long for a worker (`queue_timeout`, retry later), or its upscale ran over the "
          "compute limit (`compute_timeout`, which a retry would repeat).",
     507: "url mode, and the result storage is full (`storage_full`).",

@@ -28,7 +28,7 @@ from clarity.api.errors import CLIENT_GONE_STATUS, ENGINE_FAILURE, APIError, api
 from clarity.api.jobs import JobStore
 from clarity.api.logs import RequestLog
 from clarity.api.progress import JobProgress
-from clarity.api.results import ResultStore, StorageFull, result_url
+from clarity.api.results import STORAGE_UNAVAILABLE, ResultStore, StorageFull, StorageUnavailable, result_url
 from clarity.errors import ClarityError
 from clarity.imageio import encode_image
 
@@ -118,6 +118,8 @@ class EditHandler:
                     self.results.check_room()  # before minutes of work whose result could not be kept
                 except StorageFull as full:
                     raise APIError(503, str(full), code="storage_full") from None
+                except StorageUnavailable as unavailable:
+                    raise storage_unavailable(request_id, unavailable) from None
         except APIError as error:
             raise self._refused(model, error) from None
         return dataclasses.replace(edit, request_id=request_id, base_url=base_url, job_id=job_id)
@@ -220,6 +222,9 @@ class EditHandler:
                     logger.warning("request %s: its result could not be stored: %s", request.request_id, full)
                     error = APIError(507, str(full), code="storage_full")
                     raise self._refused(self._model_of(request), error) from None
+                except StorageUnavailable as unavailable:
+                    error = storage_unavailable(request.request_id, unavailable)
+                    raise self._refused(self._model_of(request), error) from None
                 item = {"url": result_url(self._base_url(request), name)}
             # `seed` is Clarity's addition: what to send to reproduce this variant alone.
             data.append({**item, "revised_prompt": request.params.prompt, "seed": seed})
@@ -229,3 +234,10 @@ class EditHandler:
             data, request.output_format, sizes[0], wire.megapixels(sizes), result.stats.seconds,
             retries=result.stats.retries,
         )
+
+
+def storage_unavailable(request_id: str | None, error: StorageUnavailable) -> APIError:
+    """A 503 `storage_unavailable` (with Retry-After) for a result store that cannot be reached; what failed,
+    where, goes to the log only."""
+    logger.error("request %s: the result store is unavailable: %s", request_id, error)
+    return APIError(503, STORAGE_UNAVAILABLE, code="storage_unavailable")

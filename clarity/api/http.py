@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clarity.api import wire
 from clarity.api.errors import APIError, error_body, model_not_found, retry_headers, shutting_down
-from clarity.api.results import FILES_ROUTE, ResultStore, media_type
+from clarity.api.results import FILES_ROUTE, STORAGE_UNAVAILABLE, ResultStore, StorageUnavailable, media_type
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,11 @@ def add_public_routes(app: FastAPI, models: Collection[str], results: ResultStor
     async def get_file(name: str) -> Response:
         # Streamed from whichever store keeps them (a folder, a bucket every replica shares); the store's
         # calls block, so they run in the thread pool.
-        found = await run_in_threadpool(results.find, name)
+        try:
+            found = await run_in_threadpool(results.find, name)
+        except StorageUnavailable as error:
+            logger.error("GET %s: the result store is unavailable: %s", name, error)
+            return json_error(APIError(503, STORAGE_UNAVAILABLE, code="storage_unavailable"))
         if found is None:
             message = "No such file; result URLs expire after an hour."
             return json_error(APIError(404, message, code="file_not_found"))

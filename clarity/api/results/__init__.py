@@ -13,8 +13,10 @@ from clarity.api.results.local import LocalResultStore
 from clarity.api.results.s3 import S3ResultStore
 from clarity.api.results.store import (
     FILES_ROUTE,
+    STORAGE_UNAVAILABLE,
     ResultStore,
     StorageFull,
+    StorageUnavailable,
     StoredResult,
     media_type,
     result_url,
@@ -22,8 +24,8 @@ from clarity.api.results.store import (
 from clarity.errors import ParamError
 
 __all__ = [
-    "FILES_ROUTE", "LocalResultStore", "ResultStore", "S3ResultStore", "StorageFull", "StoredResult", "media_type",
-    "open_result_store", "result_url",
+    "FILES_ROUTE", "STORAGE_UNAVAILABLE", "LocalResultStore", "ResultStore", "S3ResultStore", "StorageFull",
+    "StorageUnavailable", "StoredResult", "media_type", "open_result_store", "result_url",
 ]
 
 

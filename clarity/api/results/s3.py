@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 from clarity.api.results.store import (
     DEFAULT_MAX_BYTES,
     DEFAULT_TTL_SECONDS,
+    StorageUnavailable,
     StoredResult,
     is_result_name,
     media_type,
@@ -59,10 +60,6 @@ def require_boto3() -> ModuleType:
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
     return boto3
-
-
-class StorageUnavailable(OSError):
-    """The S3 store could not be reached, or refused a request; the message names the bucket and endpoint."""
 
 
 @dataclass(frozen=True)
