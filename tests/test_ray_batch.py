@@ -10,9 +10,7 @@ Marked `cluster`.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import make_test_image
 from PIL import Image
-from ray_cluster import Cluster, Session, two_node_cluster
+from ray_cluster import Cluster, Session, titles, two_node_cluster
 from s3_server import SeaweedS3
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
@@ -119,15 +117,9 @@ def wait_for_objects(s3: SeaweedS3, prefix: str, count: int, session: Session, s
 
 
 def upscaling_on(node: Session) -> bool:
-    """Whether a batch actor of `node` runs a task: Ray titles a worker process `ray::CLASS.METHOD` while it
-    runs METHOD (Ray Data's actors run `submit`), `ray::CLASS` when idle."""
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError, ValueError):
-            if entry.isdigit() and os.getsid(int(entry)) == node.process.pid:
-                title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
-                if title.startswith(b"ray::MapWorker(MapBatches(BatchUpscaler)).submit"):
-                    return True
-    return False
+    """Whether a batch actor of `node` runs a task (Ray Data's actors run `submit`)."""
+    return any(title.startswith("ray::MapWorker(MapBatches(BatchUpscaler)).submit")
+               for title in titles(node.process.pid))
 
 
 def test_a_head_killed_midway_costs_a_rerun_that_skips_what_was_committed(larger_inputs, tiny_weights, tmp_path):

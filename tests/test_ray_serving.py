@@ -29,7 +29,7 @@ import openai
 import pytest
 from conftest import FAST, free_port, make_test_image
 from PIL import Image
-from ray_cluster import HEAD_IP, Cluster, Session, two_node_cluster
+from ray_cluster import HEAD_IP, Cluster, Session, titles, two_node_cluster
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
 pytestmark = pytest.mark.cluster
@@ -95,6 +95,17 @@ def test_the_sdk_edits_through_the_cluster_on_both_replicas(server):
         sizes = list(pool.map(lambda seed: edit(client, png(24, 24), seed=seed).size, [1, 2]))
     assert sizes == ["48x48", "48x48"]
     assert server.http.get("/v1/models").json()["data"][0]["id"] == "clarity-upscaler"
+
+
+def test_the_ingress_and_the_job_actor_run_on_the_head_node(server, cluster):
+    """Placed by the head node's own resource (`node:__internal_head__`), not by its address."""
+    on_head, on_worker = titles(cluster.head.process.pid), titles(cluster.worker.process.pid)
+    for actor in ("ray::ServeReplica:clarity:ingress", "ray::JobsActor"):
+        assert any(title.startswith(actor) for title in on_head), (actor, on_head)
+        assert not any(title.startswith(actor) for title in on_worker), (actor, on_worker)
+    # The upscaler replicas, one per node, each holding its node's `gpu_slot`.
+    for node in (on_head, on_worker):
+        assert sum(title.startswith("ray::ServeReplica:clarity:upscaler") for title in node) == 1, node
 
 
 def test_a_url_result_is_fetched_through_the_server(server):
