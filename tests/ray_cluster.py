@@ -41,6 +41,18 @@ def kill_session(session: int) -> None:
                 pass
 
 
+def titles(session: int) -> list[str]:
+    """The titles (first word of the command line) of every process of `session`. Ray titles an actor's process
+    `ray::CLASS` (`ray::CLASS.METHOD` while it runs METHOD); a Serve replica's class is
+    `ServeReplica:APP:DEPLOYMENT`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError):
+            if entry.isdigit() and os.getsid(int(entry)) == session:
+                found.append(Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+    return found
+
+
 class Session:
     """A command in a session of its own (its id is its pid), its output in `log`; `env` added to `ENV`."""
 

@@ -3,14 +3,14 @@
 The cluster of tests/ray_cluster.py (one `gpu_slot` per node, so one batch actor per node running the
 tiny model on the CPU) and a real S3 server (tests/s3_server.py). The command under test is run as a
 process of its own (the driver), so that it can be killed. Tests run in file order on one cluster: the
-worker-node kill comes last. Marked `cluster`.
+worker-node kill comes last. The head kill comes first, on two clusters of its own started one after the other
+(before the module's is started, so that no more than two nodes share the machine), into a local folder.
+Marked `cluster`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import make_test_image
 from PIL import Image
-from ray_cluster import Cluster, Session, two_node_cluster
+from ray_cluster import Cluster, Session, titles, two_node_cluster
 from s3_server import SeaweedS3
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
@@ -30,6 +30,9 @@ pytestmark = pytest.mark.cluster
 BUCKET = "batch"
 SIZES = [(24, 16), (32, 24), (16, 16), (40, 24), (24, 32), (32, 32)]
 LARGER = 8
+#: A driver whose head died exits once Ray gives up reaching the GCS: after `RAY_gcs_rpc_server_reconnect_timeout_s`,
+#: 60 s by default (left so: at 10 s, a driver on this loaded machine exited with its head alive), plus a margin.
+HEAD_LOSS_SECONDS = 60 + 45
 REPORT = re.compile(r"done: (\d+) written, (\d+) skipped, (\d+) failed")
 
 
@@ -68,12 +71,17 @@ def larger_inputs(tmp_path_factory) -> Path:
     return folder
 
 
+def batch_command(cluster: Cluster, weights: Path, inputs: list[Path], output: str, steps: int) -> list[str]:
+    """`clarity upscale --ray` into `output`, one actor per `gpu_slot`, `steps` denoising steps."""
+    return [sys.executable, "-m", "clarity.cli", "upscale", "--ray", cluster.address, *map(str, inputs),
+            "-o", output, "--weights", str(weights), "--replica-resource", "gpu_slot",
+            "--device", "cpu", "--num-inference-steps", str(steps), "--creativity", "0.5", "--seed", "1"]
+
+
 def driver(cluster: Cluster, s3: SeaweedS3, weights: Path, inputs: list[Path], prefix: str, log: str,
            steps: int) -> Session:
-    """`clarity upscale --ray` into s3://batch/<prefix>/, one actor per `gpu_slot`, `steps` denoising steps."""
-    command = [sys.executable, "-m", "clarity.cli", "upscale", "--ray", cluster.address, *map(str, inputs),
-               "-o", f"s3://{BUCKET}/{prefix}/", "--weights", str(weights), "--replica-resource", "gpu_slot",
-               "--device", "cpu", "--num-inference-steps", str(steps), "--creativity", "0.5", "--seed", "1"]
+    """`clarity upscale --ray` into s3://batch/<prefix>/."""
+    command = batch_command(cluster, weights, inputs, f"s3://{BUCKET}/{prefix}/", steps)
     return Session(command, cluster.root / log, env=s3.environment)
 
 
@@ -109,15 +117,40 @@ def wait_for_objects(s3: SeaweedS3, prefix: str, count: int, session: Session, s
 
 
 def upscaling_on(node: Session) -> bool:
-    """Whether a batch actor of `node` runs a task: Ray titles a worker process `ray::CLASS.METHOD` while it
-    runs METHOD (Ray Data's actors run `submit`), `ray::CLASS` when idle."""
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError, ValueError):
-            if entry.isdigit() and os.getsid(int(entry)) == node.process.pid:
-                title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
-                if title.startswith(b"ray::MapWorker(MapBatches(BatchUpscaler)).submit"):
-                    return True
-    return False
+    """Whether a batch actor of `node` runs a task (Ray Data's actors run `submit`)."""
+    return any(title.startswith("ray::MapWorker(MapBatches(BatchUpscaler)).submit")
+               for title in titles(node.process.pid))
+
+
+def test_a_head_killed_midway_costs_a_rerun_that_skips_what_was_committed(larger_inputs, tiny_weights, tmp_path):
+    """On two clusters of its own (the module's stays whole for the tests after), into a local folder that every
+    node shares (they share this machine's filesystem)."""
+    output = tmp_path / "out"
+    with two_node_cluster() as first:
+        command = batch_command(first, tiny_weights, [larger_inputs], str(output), steps=40)
+        session = Session(command, tmp_path / "first.log")
+        deadline = time.monotonic() + 180
+        while len(list(output.glob("*.png"))) < 2:
+            assert session.process.poll() is None and time.monotonic() < deadline, session.text()[-4000:]
+            time.sleep(0.1)
+        first.head.kill()  # the GCS, the head's raylet and actor: the whole node
+        killed = time.monotonic()
+        code, text = finish(session, HEAD_LOSS_SECONDS)
+        print(f"the driver exited {code}, {time.monotonic() - killed:.1f} s after the head's kill")
+        assert code == 1 and "Failed to connect to GCS" in text, text[-4000:]
+    committed = sorted(path.name for path in output.glob("*.png"))  # both nodes gone: nothing more comes
+    assert 2 <= len(committed) < LARGER, "the batch finished before the head could be killed midway"
+    with two_node_cluster() as second:
+        started = time.monotonic()
+        code, text = finish(Session(batch_command(second, tiny_weights, [larger_inputs], str(output), steps=40),
+                                    tmp_path / "second.log"))
+        print(f"re-run with {len(committed)}/{LARGER} committed: {time.monotonic() - started:.1f} s\n{text[-1500:]}")
+    assert code == 0, text[-4000:]
+    assert counts(text) == (LARGER - len(committed), len(committed), 0), text[-4000:]
+    # Every result once, whole, and no temporary file left by the attempts the kill cut short.
+    assert sorted(path.name for path in output.iterdir()) == sorted(f"big-{index}.png" for index in range(LARGER))
+    for path in output.iterdir():
+        assert Image.open(path).size == (96, 80)
 
 
 def test_a_folder_is_upscaled_into_s3_and_a_bad_image_is_reported(cluster, s3, inputs, tiny_weights,

@@ -29,12 +29,15 @@ import openai
 import pytest
 from conftest import FAST, free_port, make_test_image
 from PIL import Image
-from ray_cluster import HEAD_IP, Cluster, Session, two_node_cluster
+from ray_cluster import HEAD_IP, Cluster, Session, titles, two_node_cluster
+from standardwebhooks import Webhook
+from test_webhooks import Receiver, new_secret
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
 pytestmark = pytest.mark.cluster
 
 KEY = "cluster-key"
+WEBHOOK_SECRET = new_secret()
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:
@@ -65,8 +68,8 @@ def server(cluster: Cluster, tiny_weights) -> Iterator[Server]:
     command = [sys.executable, "-m", "clarity.cli", "serve", "--ray", cluster.address, "--weights", str(tiny_weights),
                "--host", HEAD_IP, "--port", str(port), "--proxy-location", "HeadOnly", "--replica-resource",
                "gpu_slot", "--replicas", "2", "--max-queue", "2", "--accelerator", "cpu", "--api-key", KEY,
-               "--data-dir", str(cluster.root / "data"), "--shutdown-timeout", "20"]
-    session = Session(command, cluster.root / "server.log")
+               "--data-dir", str(cluster.root / "data"), "--shutdown-timeout", "20", "--webhook-allow", "127.0.0.1/32"]
+    session = Session(command, cluster.root / "server.log", env={"CLARITY_WEBHOOK_SECRET": WEBHOOK_SECRET})
     try:
         session.wait_for("serving clarity-upscaler .* through Ray Serve", 240)
         with httpx.Client(base_url=f"http://{HEAD_IP}:{port}", timeout=120,
@@ -95,6 +98,17 @@ def test_the_sdk_edits_through_the_cluster_on_both_replicas(server):
         sizes = list(pool.map(lambda seed: edit(client, png(24, 24), seed=seed).size, [1, 2]))
     assert sizes == ["48x48", "48x48"]
     assert server.http.get("/v1/models").json()["data"][0]["id"] == "clarity-upscaler"
+
+
+def test_the_ingress_and_the_job_actor_run_on_the_head_node(server, cluster):
+    """Placed by the head node's own resource (`node:__internal_head__`), not by its address."""
+    on_head, on_worker = titles(cluster.head.process.pid), titles(cluster.worker.process.pid)
+    for actor in ("ray::ServeReplica:clarity:ingress", "ray::JobsActor"):
+        assert any(title.startswith(actor) for title in on_head), (actor, on_head)
+        assert not any(title.startswith(actor) for title in on_worker), (actor, on_worker)
+    # The upscaler replicas, one per node, each holding its node's `gpu_slot`.
+    for node in (on_head, on_worker):
+        assert sum(title.startswith("ray::ServeReplica:clarity:upscaler") for title in node) == 1, node
 
 
 def test_a_url_result_is_fetched_through_the_server(server):
@@ -139,6 +153,30 @@ def test_a_streamed_edit_and_a_job_keep_their_state_in_the_shared_store(server):
     assert cancelled.status_code == 409 and cancelled.json()["error"]["code"] == "job_finished"
     assert server.http.delete(f"/v1/jobs/{job['id']}").status_code == 200
     assert server.http.get(f"/v1/jobs/{job['id']}").json()["error"]["code"] == "job_not_found"
+
+
+def test_a_job_sends_its_webhooks_signed_from_the_job_actor(server):
+    receiver = Receiver([200])
+    try:
+        form = {"prompt": "x", "response_format": "b64_json", "webhook_url": receiver.url,
+                "webhook_events": "started,completed", **{name: str(value) for name, value in FAST.items()}}
+        refused = server.http.post("/v1/jobs", files={"image": ("a.png", png(24, 24), "image/png")},
+                                   data={**form, "webhook_url": "http://10.1.2.3/hook"})  # off --webhook-allow
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
+        job = server.http.post("/v1/jobs", files={"image": ("a.png", png(24, 24), "image/png")}, data=form).json()
+        deadline = time.monotonic() + 120
+        while len(receiver.received) < 2:
+            assert time.monotonic() < deadline, f"webhooks received: {receiver.received}"
+            time.sleep(0.2)
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+    deliveries = [Webhook(WEBHOOK_SECRET).verify(body, headers) for _, headers, body in receiver.received]
+    # A job this small ends before the runner's watcher looks: its started event is sent with its completed one.
+    assert sorted(delivery["type"] for delivery in deliveries) == ["job.completed", "job.started"]
+    assert {delivery["data"]["id"] for delivery in deliveries} == {job["id"]}
+    finished = server.http.get(f"/v1/jobs/{job['id']}").json()
+    assert finished["status"] == "succeeded" and deliveries[-1]["data"]["result"] == finished["result"]
 
 
 def test_load_beyond_the_queue_gets_429_queue_full(server):

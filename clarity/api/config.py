@@ -140,15 +140,16 @@ class ServerConfig:
         " ingress replica (Ray Serve's max_queued_requests).", min=1,
     )
     max_uploads: int = option(
-        64, "Request bodies received at once per HTTP process before answering 429 too_many_uploads; each may"
-        " take up to --upload-timeout.", min=1,
+        64, "Request bodies received at once per HTTP process (with --ray, per ingress replica) before answering"
+        " 429 too_many_uploads; each may take up to --upload-timeout.", min=1,
     )
     upload_timeout: float = option(
         120.0, "Seconds a client may take to send its request body before a 408 upload_timeout (50 MB at the"
         " default is about 3.5 Mbit/s).", min=0,
     )
     queue_timeout: float = option(
-        600.0, "Seconds a request may wait for a free worker before a 504 queue_timeout.", min=0
+        600.0, "Seconds a request may wait for a free worker before a 504 queue_timeout. With --ray, the upscaler"
+        " replica that takes the edit checks it, so the 504 comes when a replica frees, not at the deadline.", min=0
     )
     shutdown_timeout: float = option(
         30.0, "On SIGINT or SIGTERM, seconds accepted requests get to finish; any still unfinished are then"

@@ -71,6 +71,27 @@ class APIError(Exception):
         self.headers = {**retry_headers(status, code), **(headers or {})}
 
 
+#: Seconds a client is told to wait before retrying a busy server (a full queue, too many uploads).
+BUSY_RETRY_AFTER_SECONDS = 10
+
+
+def busy(message: str, code: str) -> APIError:
+    """A 429 with `Retry-After`, which the SDKs follow: the server is at one of its limits."""
+    return APIError(429, message, code=code, headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+
+
+def too_many_uploads(uploading: int) -> APIError:
+    """A 429 `too_many_uploads`: `uploading` request bodies are being received already (`--max-uploads`)."""
+    return busy(f"The server is busy receiving {uploading} other uploads; retry later.", "too_many_uploads")
+
+
+def queue_timeout(waited: float, limit: float) -> APIError:
+    """A 504 `queue_timeout`: the request waited `waited` seconds for a free worker, more than `limit`
+    (`--queue-timeout`). Retried by the SDKs and by the job runner: the work was never started."""
+    return APIError(504, f"The request waited {waited:.0f} s for a free worker, more than this server's limit of"
+                         f" {limit:g} s; retry later.", code="queue_timeout")
+
+
 def shutting_down(message: str) -> APIError:
     """A 503 `shutting_down`: the server is stopping. Its `Retry-After` sends the SDKs back shortly,
     by when another instance (or this one, restarted) can answer."""

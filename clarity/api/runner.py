@@ -101,7 +101,8 @@ class JobRunner:
                 await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
 
     async def _run_one(self, job_input: JobInput) -> None:
-        watcher = asyncio.create_task(self._watch(job_input.id))
+        sent: set[str] = set()  # the webhook events of this run sent so far
+        watcher = asyncio.create_task(self._watch(job_input.id, sent))
         try:
             status, body = await self.execute(job_input)
         except Exception:  # the runner outlives any one job
@@ -110,12 +111,12 @@ class JobRunner:
         finally:
             watcher.cancel()
         try:
-            await self._record(job_input.id, status, body)
+            await self._record(job_input.id, status, body, sent)
         except Exception:
             logger.exception("job %s: recording its end failed; it runs again", job_input.id)
             self.store.requeue(job_input.id, count_attempt=True)
 
-    async def _record(self, job_id: str, status: int, body: dict[str, Any]) -> None:
+    async def _record(self, job_id: str, status: int, body: dict[str, Any], sent: set[str]) -> None:
         job = self.store.get(job_id)
         if job is None:  # deleted while it ran
             return
@@ -138,21 +139,24 @@ class JobRunner:
             finished = self.store.finish(job_id, "failed", error=error)
         if finished is not None:
             logger.info("job %s %s", job_id, finished.status)
+            if finished.started_at is not None and "started" not in sent:
+                # It ran between two looks of the watcher (a fast job): its receiver still hears that it started.
+                self._notify(finished, "started")
             self.send_due_webhooks()
 
-    async def _watch(self, job_id: str) -> None:
-        """Send the started and progress webhooks of a job while it runs."""
+    async def _watch(self, job_id: str, sent: set[str]) -> None:
+        """Send the started and progress webhooks of a job while it runs, adding the events sent to `sent`."""
         job = self.store.get(job_id)
         if job is None or not job.webhook_url or not {"started", "progress"} & set(job.webhook_events):
             return
-        started, reported = False, 0.0
+        reported = 0.0
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             job = self.store.get(job_id)
             if job is None or job.status != "running":
                 continue
-            if not started:
-                started = True
+            if "started" not in sent:
+                sent.add("started")
                 self._notify(job, "started")
             if job.progress - reported >= PROGRESS_STEP:
                 reported = job.progress

@@ -21,14 +21,11 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clarity.api import metrics, wire
-from clarity.api.errors import APIError
+from clarity.api.errors import busy, too_many_uploads
 from clarity.api.http import early_error, json_error, read_body, replay_body
 from clarity.api.job_routes import asks_for_stream
 from clarity.serving.litserve.dispatch import JOB_SCOPE_KEY
 from clarity.serving.litserve.patches import tag_request
-
-#: Seconds a client is told to wait before retrying a full queue.
-QUEUE_FULL_RETRY_AFTER = 10
 
 
 class CancelRegistry:
@@ -97,8 +94,7 @@ class QueueBound:
             return
         in_flight = self.in_flight
         if in_flight.uploading >= self.max_uploads:
-            message = f"The server is busy receiving {in_flight.uploading} other uploads; retry later."
-            await json_error(_busy(message, "too_many_uploads"))(scope, receive, send)
+            await json_error(too_many_uploads(in_flight.uploading))(scope, receive, send)
             return
         received_at = time.time()
         # Single-threaded event loop: a check and the increment after it cannot interleave.
@@ -121,7 +117,7 @@ class QueueBound:
             return
         if in_flight.queued >= self.max_queue:
             message = f"The server is busy: {in_flight.queued} requests are already queued or running; retry later."
-            await json_error(_busy(message, "queue_full"))(scope, replay, send)
+            await json_error(busy(message, "queue_full"))(scope, replay, send)
             return
         in_flight.queued += 1
         in_flight.report()
@@ -138,7 +134,3 @@ class QueueBound:
             in_flight.queued -= 1
             in_flight.last_answered = time.monotonic()
             in_flight.report()
-
-
-def _busy(message: str, code: str) -> APIError:
-    return APIError(429, message, code=code, headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})

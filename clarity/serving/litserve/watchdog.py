@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from clarity.api import metrics
-from clarity.api.errors import APIError
+from clarity.api.errors import APIError, queue_timeout
 from clarity.serving.litserve.patches import TrackedBuffer
 
 logger = logging.getLogger(__name__)
@@ -61,9 +61,7 @@ class RequestWatchdog:
             if worker_id is None:  # still queued: no worker has said it started it
                 waited = now - queued_at
                 if waited > self.queue_timeout:
-                    self.buffer.answer(uid, APIError(
-                        504, f"The request waited {waited:.0f} s for a free worker, more than this server's"
-                             f" limit of {self.queue_timeout:g} s; retry later.", code="queue_timeout"))
+                    self.buffer.answer(uid, queue_timeout(waited, self.queue_timeout))
                     metrics.record_queue_timeout()
                     failed += 1
             elif not self.worker_ready(worker_id):

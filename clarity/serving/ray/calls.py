@@ -29,13 +29,11 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import Message
 
-from clarity.api.errors import ENGINE_FAILURE, APIError
+from clarity.api.errors import ENGINE_FAILURE, APIError, busy
 from clarity.api.http import replay_body
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a client is told to wait before retrying a full queue (as on one machine).
-QUEUE_FULL_RETRY_AFTER = 10
 
 
 @dataclass(frozen=True)
@@ -83,9 +81,8 @@ async def read_form(call: EditCall) -> FormData:
 
 
 def queue_full(error: BackPressureError) -> APIError:
-    message = "The server is busy: every upscaler replica is busy and the queue is full; retry later."
     logger.info("edit refused: %s", error)
-    return APIError(429, message, code="queue_full", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
+    return busy("The server is busy: every upscaler replica is busy and the queue is full; retry later.", "queue_full")
 
 
 def worker_restarted() -> APIError:

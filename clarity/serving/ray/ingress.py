@@ -5,7 +5,8 @@ request meets it:
 
     HTTPMetricsMiddleware  every request counted by route template and status (api/metrics.py)
     GuardMiddleware     bearer key, body size and upload time limits, multipart checks (api/http.py)
-    EditsRouter         an edit's body read whole; stream=true -> StreamedEdits (a job relayed as SSE)
+    EditsRouter         at most --max-uploads bodies at once; an edit's body read whole; stream=true ->
+                        StreamedEdits (a job relayed as SSE)
     routes              POST /v1/images/edits -> an upscaler replica (calls.call_upscaler);
                         GET /metrics -> the Clarity metrics of every node, merged (metrics.py);
                         /health, /v1/models, result files, /v1/jobs, /docs (the API core's routes)
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clarity.api import wire
 from clarity.api.docs import install_docs
+from clarity.api.errors import too_many_uploads
 from clarity.api.handler import EditHandler
 from clarity.api.http import (
     HEALTH_PATH,
@@ -35,6 +37,7 @@ from clarity.api.http import (
     add_public_routes,
     early_error,
     install_error_handlers,
+    json_error,
     read_body,
     replay_body,
 )
@@ -54,22 +57,34 @@ REQUEST_ID_HEADER = "x-request-id"
 
 
 class EditsRouter:
-    """ASGI middleware for `POST /v1/images/edits`: the body read whole (the guard bounds it), then an edit
-    whose form says `stream=true` handed to `streamed`, and any other to the app behind."""
+    """ASGI middleware for `POST /v1/images/edits`: at most `max_uploads` bodies read at once (429
+    `too_many_uploads` beyond, as on one machine), each read whole (the guard bounds it), then an edit whose
+    form says `stream=true` handed to `streamed`, and any other to the app behind.
 
-    def __init__(self, app: ASGIApp, *, streamed: ASGIApp) -> None:
+    Ray Serve's proxy hands a request to the ingress with its headers and relays the body as the client sends
+    it, so a body being read here is one being received from its client."""
+
+    def __init__(self, app: ASGIApp, *, streamed: ASGIApp, max_uploads: int) -> None:
         self.app = app
         self.streamed = streamed
+        self.max_uploads = max_uploads
+        self.uploading = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != wire.EDITS_PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        if self.uploading >= self.max_uploads:
+            await json_error(too_many_uploads(self.uploading))(scope, receive, send)
+            return
+        self.uploading += 1  # one event loop: the check and the increment cannot interleave with another's
         try:
             body = await read_body(receive)
         except HTTPException as error:  # the guard's limits, raised from its receive: the detail is OpenAI's shape
             await early_error(error)(scope, receive, send)
             return
+        finally:
+            self.uploading -= 1
         if body is None:  # the client left during the upload
             return
         target = self.streamed if asks_for_stream(scope, body) else self.app
@@ -121,7 +136,7 @@ def build_app(handler: EditHandler, upscaler: DeploymentHandle, jobs: RayJobStor
 
     # Each added middleware wraps the app so far: the metrics end up outermost (they count the guard's
     # refusals), then the guard.
-    app.add_middleware(EditsRouter, streamed=StreamedEdits(submitter, jobs))
+    app.add_middleware(EditsRouter, streamed=StreamedEdits(submitter, jobs), max_uploads=config.max_uploads)
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_payload_bytes,
                        upload_timeout=config.upload_timeout, ready=lambda: True,
                        open_paths=OPEN_PATHS | {METRICS_PATH} if config.metrics_public else OPEN_PATHS)

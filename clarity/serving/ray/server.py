@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import signal
-import socket
 import threading
 import time
 
@@ -45,8 +44,12 @@ logger = logging.getLogger(__name__)
 #: The Serve application's name and its deployments' (`serve status` shows them).
 APP_NAME = "clarity"
 INGRESS, UPSCALER = "ingress", "upscaler"
-#: What an ingress replica and the job actor take of the head node's `node:<ip>` resource (1 in all): nonzero,
-#: so that they are placed there, and small enough for any number of them.
+#: The resource Ray gives the head node (one unit) and no other, whatever the head's address: `ray.cluster_resources()`
+#: and `ray list nodes` show it, and Ray Serve places its own controller by it. Placing by it rather than by the head's
+#: `node:<ip>` keeps the ingress and the job actor on a head restarted with another IP (a new head pod).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+#: What an ingress replica and the job actor take of `HEAD_NODE_RESOURCE`: nonzero, so that they are placed on the
+#: head, and small enough for any number of them.
 HEAD_SHARE = 0.001
 #: Requests one ingress replica holds at once. It only waits on others (the queue that matters is the
 #: upscaler's, --max-queue), and a streamed edit holds its place for the whole upscale.
@@ -112,12 +115,11 @@ def _undeploy(owns_serve: bool) -> None:
 
 
 def head_resource() -> str:
-    """The `node:<ip>` resource of the head node (the one the cluster's GCS runs on)."""
-    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
-    resource = f"node:{socket.gethostbyname(host)}"
-    if resource not in ray.cluster_resources():
-        raise ClarityError(f"the head node ({host}) is not among the cluster's nodes; is the cluster healthy?")
-    return resource
+    """`HEAD_NODE_RESOURCE`, once the cluster is seen to have it (else nothing placed by it could ever start)."""
+    if HEAD_NODE_RESOURCE not in ray.cluster_resources():
+        raise ClarityError(f"the Ray cluster has no {HEAD_NODE_RESOURCE} resource, which Ray gives its head node: is"
+                           " the head node alive, and is this Ray 2.60 or later?")
+    return HEAD_NODE_RESOURCE
 
 
 def _start_jobs_actor(config: ServerConfig, ray_config: RayConfig) -> ActorHandle:

@@ -8,16 +8,21 @@ autoscaling, `max_ongoing_requests`, `max_queued_requests`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Callable
 
 from starlette.datastructures import FormData
 
-from clarity.api.errors import APIError
+from clarity.api import metrics
+from clarity.api.errors import APIError, queue_timeout
 from clarity.api.handler import EditHandler
 from clarity.api.logs import configure_logging
 from clarity.serving.ray.calls import Answer, EditCall, read_form
 from clarity.serving.ray.metrics import install as install_metrics
+
+logger = logging.getLogger(__name__)
 
 
 class UpscalerReplica:
@@ -34,7 +39,13 @@ class UpscalerReplica:
         self.handler = handler
 
     async def edit(self, call: EditCall) -> Answer:
-        """The answer to one edit: the `ImagesResponse`, or the API core's error for it."""
+        """The answer to one edit: the `ImagesResponse`, or the API core's error for it; a 504 `queue_timeout`,
+        without running it, if it waited for a replica longer than `--queue-timeout` since its body was in."""
+        waited = time.time() - call.received_at  # the ingress's clock and this node's: NTP keeps them together
+        if waited > self.handler.config.queue_timeout:
+            logger.info("request %s: not started, it waited %.1f s for a replica", call.request_id, waited)
+            metrics.record_queue_timeout()
+            return Answer.of(queue_timeout(waited, self.handler.config.queue_timeout))
         try:
             form = await read_form(call)
         except APIError as error:
