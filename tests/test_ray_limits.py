@@ -89,7 +89,11 @@ def edit_call(request_id: str, received_at: float) -> EditCall:
     return EditCall(request.read(), request.headers["content-type"], request_id, "http://testserver", received_at)
 
 
-def test_an_edit_that_waited_past_queue_timeout_is_answered_504_without_running(tiny_weights, tmp_path, capfd):
+def test_an_edit_that_waited_past_queue_timeout_is_answered_504_without_running(tiny_weights, tmp_path, capfd,
+                                                                              monkeypatch):
+    # A replica records its metrics with Ray; this test process may record LitServe's already (its in-process
+    # servers), and a process records into one system only. Metrics are not what this test is about.
+    monkeypatch.setattr("clarity.serving.ray.upscaler.install_metrics", lambda: None)
     replica = UpscalerReplica(edit_handler(tiny_weights, tmp_path, queue_timeout=2), "cpu")  # logs to stderr
     late = asyncio.run(replica.edit(edit_call("req_late", time.time() - 3)))
     assert late.status == 504, late.body
