@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import time
 from typing import Any
 
@@ -89,18 +90,20 @@ def edit_call(request_id: str, received_at: float) -> EditCall:
     return EditCall(request.read(), request.headers["content-type"], request_id, "http://testserver", received_at)
 
 
-def test_an_edit_that_waited_past_queue_timeout_is_answered_504_without_running(tiny_weights, tmp_path, capfd,
+def test_an_edit_that_waited_past_queue_timeout_is_answered_504_without_running(tiny_weights, tmp_path, caplog,
                                                                               monkeypatch):
     # A replica records its metrics with Ray; this test process may record LitServe's already (its in-process
     # servers), and a process records into one system only. Metrics are not what this test is about.
     monkeypatch.setattr("clarity.serving.ray.upscaler.install_metrics", lambda: None)
-    replica = UpscalerReplica(edit_handler(tiny_weights, tmp_path, queue_timeout=2), "cpu")  # logs to stderr
+    replica = UpscalerReplica(edit_handler(tiny_weights, tmp_path, queue_timeout=2), "cpu")
+    # The `clarity` logger writes to the stderr of its first configuration and does not propagate: watch it here.
+    monkeypatch.setattr(logging.getLogger("clarity"), "handlers", [caplog.handler])
     late = asyncio.run(replica.edit(edit_call("req_late", time.time() - 3)))
     assert late.status == 504, late.body
     assert late.body["error"]["code"] == "queue_timeout" and "limit of 2 s" in late.body["error"]["message"]
     assert int(late.headers["Retry-After"]) > 0  # the SDKs retry it; the job runner queues a job again
     on_time = asyncio.run(replica.edit(edit_call("req_on_time", time.time() - 1)))
     assert on_time.status == 200 and on_time.body["size"] == "48x32", on_time.body
-    started = [line for line in capfd.readouterr().err.splitlines() if "started:" in line]
+    started = [record.getMessage() for record in caplog.records if "started:" in record.getMessage()]
     assert any("req_on_time" in line for line in started), started
     assert not any("req_late" in line for line in started), started
