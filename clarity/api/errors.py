@@ -92,6 +92,13 @@ def queue_timeout(waited: float, limit: float) -> APIError:
                          f" {limit:g} s; retry later.", code="queue_timeout")
 
 
+def storage_unavailable() -> APIError:
+    """A 503 `storage_unavailable` (with Retry-After): url mode's result store cannot be reached. What failed, and
+    where (the endpoint), is for the server's log, not the answer."""
+    return APIError(503, "The server's storage for url-mode results is unavailable; retry later, or ask for"
+                         " response_format=b64_json.", code="storage_unavailable")
+
+
 def shutting_down(message: str) -> APIError:
     """A 503 `shutting_down`: the server is stopping. Its `Retry-After` sends the SDKs back shortly,
     by when another instance (or this one, restarted) can answer."""

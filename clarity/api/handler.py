@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 from clarity.api import metrics, wire
 from clarity.api.budget import check_budget
 from clarity.api.config import ServerConfig
-from clarity.api.errors import CLIENT_GONE_STATUS, ENGINE_FAILURE, APIError, api_error
+from clarity.api.errors import CLIENT_GONE_STATUS, ENGINE_FAILURE, APIError, api_error, storage_unavailable
 from clarity.api.jobs import JobStore
 from clarity.api.logs import RequestLog
 from clarity.api.progress import JobProgress
-from clarity.api.results import STORAGE_UNAVAILABLE, ResultStore, StorageFull, StorageUnavailable, result_url
+from clarity.api.results import ResultStore, StorageFull, StorageUnavailable, result_url
 from clarity.errors import ClarityError
 from clarity.imageio import encode_image
 
@@ -119,7 +119,7 @@ class EditHandler:
                 except StorageFull as full:
                     raise APIError(503, str(full), code="storage_full") from None
                 except StorageUnavailable as unavailable:
-                    raise storage_unavailable(request_id, unavailable) from None
+                    raise _storage_unavailable(request_id, unavailable) from None
         except APIError as error:
             raise self._refused(model, error) from None
         return dataclasses.replace(edit, request_id=request_id, base_url=base_url, job_id=job_id)
@@ -223,7 +223,7 @@ class EditHandler:
                     error = APIError(507, str(full), code="storage_full")
                     raise self._refused(self._model_of(request), error) from None
                 except StorageUnavailable as unavailable:
-                    error = storage_unavailable(request.request_id, unavailable)
+                    error = _storage_unavailable(request.request_id, unavailable)
                     raise self._refused(self._model_of(request), error) from None
                 item = {"url": result_url(self._base_url(request), name)}
             # `seed` is Clarity's addition: what to send to reproduce this variant alone.
@@ -236,8 +236,7 @@ class EditHandler:
         )
 
 
-def storage_unavailable(request_id: str | None, error: StorageUnavailable) -> APIError:
-    """A 503 `storage_unavailable` (with Retry-After) for a result store that cannot be reached; what failed,
-    where, goes to the log only."""
+def _storage_unavailable(request_id: str | None, error: StorageUnavailable) -> APIError:
+    """`storage_unavailable()` for a request, what failed and where logged."""
     logger.error("request %s: the result store is unavailable: %s", request_id, error)
-    return APIError(503, STORAGE_UNAVAILABLE, code="storage_unavailable")
+    return storage_unavailable()

@@ -25,8 +25,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clarity.api import wire
-from clarity.api.errors import APIError, error_body, model_not_found, retry_headers, shutting_down
-from clarity.api.results import FILES_ROUTE, STORAGE_UNAVAILABLE, ResultStore, StorageUnavailable, media_type
+from clarity.api.errors import (
+    APIError,
+    error_body,
+    model_not_found,
+    retry_headers,
+    shutting_down,
+    storage_unavailable,
+)
+from clarity.api.results import FILES_ROUTE, ResultStore, StorageUnavailable, media_type
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +375,7 @@ def add_public_routes(app: FastAPI, models: Collection[str], results: ResultStor
             found = await run_in_threadpool(results.find, name)
         except StorageUnavailable as error:
             logger.error("GET %s: the result store is unavailable: %s", name, error)
-            return json_error(APIError(503, STORAGE_UNAVAILABLE, code="storage_unavailable"))
+            return json_error(storage_unavailable())
         if found is None:
             message = "No such file; result URLs expire after an hour."
             return json_error(APIError(404, message, code="file_not_found"))

@@ -13,7 +13,6 @@ from clarity.api.results.local import LocalResultStore
 from clarity.api.results.s3 import S3ResultStore
 from clarity.api.results.store import (
     FILES_ROUTE,
-    STORAGE_UNAVAILABLE,
     ResultStore,
     StorageFull,
     StorageUnavailable,
@@ -24,7 +23,7 @@ from clarity.api.results.store import (
 from clarity.errors import ParamError
 
 __all__ = [
-    "FILES_ROUTE", "STORAGE_UNAVAILABLE", "LocalResultStore", "ResultStore", "S3ResultStore", "StorageFull",
+    "FILES_ROUTE", "LocalResultStore", "ResultStore", "S3ResultStore", "StorageFull",
     "StorageUnavailable", "StoredResult", "media_type", "open_result_store", "result_url",
 ]
 

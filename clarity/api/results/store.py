@@ -37,11 +37,6 @@ class StorageUnavailable(OSError):
     """The store could not be reached, or refused a request; the message names where (for the log only)."""
 
 
-#: What a client is told when the store is unavailable (the details, endpoint included, go to the log).
-STORAGE_UNAVAILABLE = ("The server's storage for url-mode results is unavailable; retry later, or ask for"
-                       " response_format=b64_json.")
-
-
 def storage_full(used: int, max_bytes: int, ttl_seconds: float) -> StorageFull:
     """The `StorageFull` a store raises when `used` bytes leave no room under its quota of `max_bytes`."""
     return StorageFull(
