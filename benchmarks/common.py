@@ -37,8 +37,21 @@ def sample_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def machine() -> dict[str, Any]:
-    """The machine's load now: timings from a shared or busy machine must be read with it."""
-    return {"load_average_1_5_15": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count()}
+    """The machine and its load now: timings from a shared or busy machine must be read with the load,
+    and timings from different CPUs (with or without native bf16 matrix units) are not comparable."""
+    return {"load_average_1_5_15": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count(), **cpu_model()}
+
+
+def cpu_model() -> dict[str, Any]:
+    """The CPU's model name and which of its bf16 features torch's CPU kernels use (Linux; empty elsewhere)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return {"cpu_model": names[0] if names else None,
+            "cpu_bf16_features": sorted(set(flags) & {"avx512_bf16", "amx_bf16", "amx_tile"})}
 
 
 def run_capped(args: list[str], max_seconds: float, max_rss_bytes: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import machine, run_capped
-from benchmarks.job import ENGINES
+from benchmarks.job import ENGINES, PARAMS
 
 #: Per job; the naive pipelines at 1 MP take minutes on 2 cores, more on a loaded machine.
 MAX_SECONDS = 1800
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["clarity", "naive", "naive_fast_vae"],
                         help="The first is the yardstick of the ratios.")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--params", choices=PARAMS, default="benchmark",
+                        help="The benchmark job (1 step, no guidance) or UpscaleParams' defaults.")
     parser.add_argument("--weights", type=Path, default=None, help="Model folder (default: full-size random).")
     parser.add_argument("--output", type=Path, default=LATEST_RESULTS / "pairs.json")
     args = parser.parse_args(argv)
@@ -42,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             order = args.engines if round_index % 2 == 0 else args.engines[::-1]
             for engine in order:
                 load = machine()["load_average_1_5_15"]
-                result = run_capped(["benchmarks.job", engine, "--weights", str(weights), "--side", str(side)],
-                                    MAX_SECONDS, MAX_RSS_BYTES)
+                result = run_capped(["benchmarks.job", engine, "--weights", str(weights), "--side", str(side),
+                                     "--params", args.params], MAX_SECONDS, MAX_RSS_BYTES)
                 rows.append({"side": side, "round": round_index, "engine": engine, "load_before": load, **result})
                 print(json.dumps(rows[-1]), flush=True)
     summary = {}
@@ -58,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary[f"{side}: {engine} / {yardstick}"] = {
                     "per_round": [round(r, 3) for r in ratios], "median": round(statistics.median(ratios), 3)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"model": str(args.weights or "random-sd15"), "rows": rows, "summary": summary},
-                                      indent=2) + "\n")
+    args.output.write_text(json.dumps({"model": str(args.weights or "random-sd15"), "params": args.params,
+                                       "machine": machine(), "rows": rows, "summary": summary}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
 

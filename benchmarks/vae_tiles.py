@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"model": str(args.weights or "random-sd15"), "vae_dtype": str(vae.dtype),
-                                       "rows": rows}, indent=2) + "\n")
+    args.output.write_text(json.dumps({"model": str(args.weights or "random-sd15"), "machine": machine(),
+                                       "vae_dtype": str(vae.dtype), "rows": rows}, indent=2) + "\n")
     return 0
 
 
