@@ -78,8 +78,9 @@ class UpscaleParams:
     tile_overlap: int = option(8, "Least overlap between neighbouring tiles, in latent pixels.", min=4, max=64)
     tile_batch_size: int = option(8, "Tiles sent through the UNet and ControlNet in one call.", min=1, max=64)
     vae_tile_size: int = option(
-        1024, "Largest VAE tile side in pixels (a multiple of 64); larger images are encoded and decoded in"
-        " tiles, so memory follows this size, not the image's.", min=128, max=8192,
+        1024, "Largest VAE tile side in pixels (a multiple of 64), not counting the 32 px neighbouring tiles"
+        " share; larger images are encoded and decoded in tiles, so memory follows this size, not the image's.",
+        min=128, max=8192,
     )
     multistep_factor: float = option(
         0.8, "Each chained pass after the first multiplies creativity by this.", min=0.0, max=2.0

@@ -52,8 +52,8 @@ def test_images_that_fit_one_tile_take_the_exact_path(vae):
 @torch.no_grad()
 def test_tiled_decode_matches_untiled(vae, photo_latents):
     untiled = vae_ops.decode(vae, photo_latents)
-    tiled = vae_ops.decode(vae, photo_latents, tile_size=128)  # 5 x 4 tiles of 16 latent px
-    assert len(vae_ops.tile_plan(*photo_latents.shape[-2:], 128).tiles) == 20
+    tiled = vae_ops.decode(vae, photo_latents, tile_size=128)  # 4 x 3 tiles of at most 16 + 4 latent px
+    assert len(vae_ops.tile_plan(*photo_latents.shape[-2:], 128).tiles) == 12
     assert (tiled - untiled).abs().mean() < TILED_DECODE_TOLERANCE
 
 
@@ -118,7 +118,38 @@ def test_thin_strips_encode_and_decode_in_tiles_like_untiled(vae, size):
 def test_engine_tiles_the_vae_above_the_tile_size(upscaler):
     result = upscaler.upscale(make_test_image(96, 72), vae_tile_size=128, **FAST)
     assert result.image.size == (192, 144)
-    assert result.stats.passes[0].vae_tiles == 4
+    # 192 px is two 128 px tiles across; 144 px is within one tile and the 32 px tiles share.
+    assert result.stats.passes[0].vae_tiles == 2
+
+
+def test_an_image_k_tiles_wide_takes_k_tiles():
+    # 2048 px in the default 1024 px tiles: 2 x 2 (the 32 px the tiles share is not counted
+    # against the tile), where 3 x 3 smaller tiles would repeat more context margin.
+    assert len(vae_ops.tile_plan(256, 256, 1024).tiles) == 4
+    assert len(vae_ops.tile_plan(256, 261, 1024).tiles) == 6  # 261 > 2 x 132 - 4: three across
+    assert vae_ops.tile_plan(128 + vae_ops.BLEND_OVERLAP, 100, 1024) is None  # one tile: the exact path
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_group_norm_is_the_group_norm_of_its_recorded_input(dtype):
+    # Replayed on the very input they were recorded from, the statistics must give what the
+    # GroupNorm itself gives: the replay (a fused inference BatchNorm) is the same map.
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    norm = norm.to(dtype)
+    x = (torch.randn(1, 32, 24, 40) * 3 + 1).to(dtype).to(memory_format=torch.channels_last)
+    statistics = vae_ops.GroupNormStatistics(norm)
+    with statistics.recording():
+        expected = norm(x)
+    with statistics.frozen():
+        replayed = norm(x)
+    assert replayed.dtype == dtype and replayed.is_contiguous(memory_format=torch.channels_last)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(replayed.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert torch.equal(norm(x), expected)  # the GroupNorm's own forward is back after the block
 
 
 _PEAK_RSS_SCRIPT = """
