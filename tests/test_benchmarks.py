@@ -125,3 +125,16 @@ def test_the_gpu_check_says_why_it_skips_without_cuda(tmp_path):
     assert main(["--output", str(output)]) == 0
     result = json.loads(output.read_text())
     assert result["rows"] == [] and "no CUDA device" in result["skipped"]
+
+
+def test_vae_tiles_runs_the_cases_asked_for(tmp_path, tiny_weights):
+    from benchmarks.vae_tiles import main
+
+    output = tmp_path / "vae_tiles.json"
+    assert main(["--weights", str(tiny_weights), "--cases", "64:untiled", "256:128", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert [(row["side"], row["vae_tile"], row["warm_up"]) for row in result["rows"]] == [
+        (64, None, True), (256, 128, False)]
+    assert all(row["seconds_per_mp"] > 0 for row in result["rows"]) and "cpu_model" in result["machine"]
+    with pytest.raises(SystemExit):
+        main(["--cases", "2048:big"])
