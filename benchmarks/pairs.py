@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import machine, run_capped
-from benchmarks.job import ENGINES, PARAMS
+from benchmarks.job import ENGINES, add_params_option
 
 #: Per job; the naive pipelines at 1 MP take minutes on 2 cores, more on a loaded machine.
 MAX_SECONDS = 1800
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["clarity", "naive", "naive_fast_vae"],
                         help="The first is the yardstick of the ratios.")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--params", choices=PARAMS, default="benchmark",
-                        help="The benchmark job (1 step, no guidance) or UpscaleParams' defaults.")
+    add_params_option(parser)
     parser.add_argument("--weights", type=Path, default=None, help="Model folder (default: full-size random).")
     parser.add_argument("--output", type=Path, default=LATEST_RESULTS / "pairs.json")
     args = parser.parse_args(argv)
